@@ -1,0 +1,380 @@
+//! The two streaming bodies of an exchange.
+//!
+//! [`UpstreamRequestBody`] carries the client's request body upstream chunk by chunk (hyper
+//! pulls it, so backpressure is end to end), enforcing the size limit and the client's idle
+//! limit, and noting activity so the upstream idle clock does not run while a large body is
+//! still being sent. [`ResponseStream`] carries the upstream's response to the client frame
+//! by frame (nothing is batched), enforces the upstream idle limit, and writes the access
+//! line and the response dump once, when the stream ends, breaks or the client goes away.
+
+use std::error::Error as StdError;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::time::Sleep;
+
+use crate::dump::{RequestDump, ResponseDump};
+use crate::log::{AccessRecord, Logger};
+
+/// Errors surfaced to hyper (which then aborts the affected connection or request).
+pub type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// Why the request body stopped early.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum BodyFault {
+    /// Nothing went wrong.
+    None = 0,
+    /// More bytes than `--max-request-body`.
+    TooLarge = 1,
+    /// The client stopped sending for longer than `--body-read-timeout`.
+    Stalled = 2,
+    /// The client's body was malformed or the client went away.
+    ClientError = 3,
+}
+
+/// State shared by the two bodies and the handler of one exchange.
+#[derive(Debug)]
+pub struct ExchangeState {
+    start: Instant,
+    /// Request body bytes received.
+    bytes_in: AtomicU64,
+    /// Nanoseconds after `start` of the last request-body progress.
+    last_activity: AtomicU64,
+    fault: AtomicU8,
+}
+
+impl ExchangeState {
+    /// State for an exchange that started at `start`.
+    pub fn new(start: Instant) -> Self {
+        Self {
+            start,
+            bytes_in: AtomicU64::new(0),
+            last_activity: AtomicU64::new(0),
+            fault: AtomicU8::new(BodyFault::None as u8),
+        }
+    }
+
+    fn touch(&self) {
+        let nanos = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last_activity.store(nanos, Ordering::Relaxed);
+    }
+
+    /// When the request last made progress.
+    pub fn last_activity(&self) -> Instant {
+        self.start + Duration::from_nanos(self.last_activity.load(Ordering::Relaxed))
+    }
+
+    /// Request body bytes received so far.
+    pub fn bytes_in(&self) -> u64 {
+        self.bytes_in.load(Ordering::Relaxed)
+    }
+
+    /// Why the request body stopped early, if it did.
+    pub fn fault(&self) -> BodyFault {
+        match self.fault.load(Ordering::Relaxed) {
+            1 => BodyFault::TooLarge,
+            2 => BodyFault::Stalled,
+            3 => BodyFault::ClientError,
+            _ => BodyFault::None,
+        }
+    }
+
+    fn set_fault(&self, f: BodyFault) {
+        self.fault.store(f as u8, Ordering::Relaxed);
+    }
+}
+
+/// A fixed error, as a body error.
+#[derive(Debug)]
+struct Fault(&'static str);
+
+impl std::fmt::Display for Fault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl StdError for Fault {}
+
+/// The client's request body on its way upstream.
+pub struct UpstreamRequestBody {
+    inner: Incoming,
+    limit: u64,
+    idle: Duration,
+    sleep: Pin<Box<Sleep>>,
+    state: Arc<ExchangeState>,
+    dump: Option<RequestDump>,
+    done: bool,
+    /// Whether `sleep` runs from the last progress (armed lazily on the first `Pending`).
+    armed: bool,
+}
+
+impl UpstreamRequestBody {
+    /// Wraps `inner` with a size limit and a client idle limit.
+    pub fn new(
+        inner: Incoming,
+        limit: u64,
+        idle: Duration,
+        state: Arc<ExchangeState>,
+        dump: Option<RequestDump>,
+    ) -> Self {
+        Self {
+            inner,
+            limit,
+            idle,
+            sleep: Box::pin(tokio::time::sleep(idle)),
+            state,
+            dump,
+            done: false,
+            armed: false,
+        }
+    }
+
+    fn fail(
+        &mut self,
+        fault: BodyFault,
+        why: &'static str,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.state.set_fault(fault);
+        self.done = true;
+        Poll::Ready(Some(Err(Box::new(Fault(why)))))
+    }
+}
+
+impl Body for UpstreamRequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if this.done {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let total = this
+                        .state
+                        .bytes_in
+                        .fetch_add(data.len() as u64, Ordering::Relaxed)
+                        + data.len() as u64;
+                    if total > this.limit {
+                        return this
+                            .fail(BodyFault::TooLarge, "request body over --max-request-body");
+                    }
+                    if let Some(d) = &mut this.dump {
+                        d.push(data);
+                    }
+                }
+                this.state.touch();
+                this.armed = false;
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(_))) => {
+                this.fail(BodyFault::ClientError, "the client's request body failed")
+            }
+            Poll::Ready(None) => {
+                this.done = true;
+                this.state.touch();
+                if let Some(mut d) = this.dump.take() {
+                    d.finish();
+                }
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                if !this.armed {
+                    this.armed = true;
+                    this.sleep
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + this.idle);
+                }
+                ready!(this.sleep.as_mut().poll(cx));
+                this.fail(
+                    BodyFault::Stalled,
+                    "the client stopped sending its request body",
+                )
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// How a streamed response ended, for the access line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StreamEnd {
+    Open,
+    Complete,
+    UpstreamBroke,
+    UpstreamIdle,
+}
+
+/// The upstream's response body on its way to the client.
+pub struct ResponseStream {
+    inner: Incoming,
+    idle: Duration,
+    sleep: Pin<Box<Sleep>>,
+    end: StreamEnd,
+    start: Instant,
+    record: AccessRecord,
+    logger: Logger,
+    dump: Option<ResponseDump>,
+    /// Whether `sleep` runs from the last frame (armed lazily on the first `Pending`).
+    armed: bool,
+}
+
+impl ResponseStream {
+    /// Wraps `inner`; `record` is completed and logged when the stream is dropped.
+    pub fn new(
+        inner: Incoming,
+        idle: Duration,
+        start: Instant,
+        record: AccessRecord,
+        logger: Logger,
+        dump: Option<ResponseDump>,
+    ) -> Self {
+        Self {
+            inner,
+            idle,
+            sleep: Box::pin(tokio::time::sleep(idle)),
+            end: StreamEnd::Open,
+            start,
+            record,
+            logger,
+            dump,
+            armed: false,
+        }
+    }
+}
+
+impl Drop for ResponseStream {
+    fn drop(&mut self) {
+        let (outcome, broken) = match self.end {
+            StreamEnd::Complete => ("ok", None),
+            StreamEnd::Open => ("client_closed", Some("the client went away before the end")),
+            StreamEnd::UpstreamBroke => {
+                ("upstream_broke", Some("the upstream broke off the stream"))
+            }
+            StreamEnd::UpstreamIdle => (
+                "upstream_idle_timeout",
+                Some("the upstream sent nothing for --upstream-idle-timeout"),
+            ),
+        };
+        if let Some(mut d) = self.dump.take() {
+            d.finish(broken);
+        }
+        self.record.outcome = outcome;
+        self.record.duration = self.start.elapsed();
+        self.logger.access(&self.record);
+    }
+}
+
+impl Body for ResponseStream {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if this.end != StreamEnd::Open {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.record.bytes_out += data.len() as u64;
+                    if let Some(d) = &mut this.dump {
+                        d.push(data);
+                    }
+                }
+                this.armed = false;
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.end = StreamEnd::UpstreamBroke;
+                Poll::Ready(Some(Err(Box::new(e))))
+            }
+            Poll::Ready(None) => {
+                this.end = StreamEnd::Complete;
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                if !this.armed {
+                    this.armed = true;
+                    this.sleep
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + this.idle);
+                }
+                ready!(this.sleep.as_mut().poll(cx));
+                this.end = StreamEnd::UpstreamIdle;
+                Poll::Ready(Some(Err(Box::new(Fault(
+                    "the upstream sent nothing for too long",
+                )))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.end != StreamEnd::Open || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The body of every response the proxy sends to a client.
+pub enum ProxyBody {
+    /// A small body the proxy made itself (an error, the shutdown answer).
+    Fixed(Option<Bytes>),
+    /// The upstream's response, streamed.
+    Stream(Box<ResponseStream>),
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ProxyBody::Fixed(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            ProxyBody::Stream(s) => Pin::new(s.as_mut()).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Fixed(b) => b.is_none(),
+            ProxyBody::Stream(s) => s.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Fixed(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            ProxyBody::Stream(s) => s.size_hint(),
+        }
+    }
+}

@@ -1,0 +1,224 @@
+//! responses-api-proxy: a strict, hardened loopback proxy for the OpenAI Responses API.
+//!
+//! A privileged operator pipes an API key in on stdin; local clients holding the per-launch
+//! proxy token send `POST /v1/responses` to 127.0.0.1; the proxy injects
+//! `Authorization: Bearer <key>` and streams the upstream's answer back. The key stays in
+//! one locked page and never reaches a log, file, error or response.
+//!
+//! Layout (one responsibility per module; pure decisions import no IO):
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`config`] | flags → validated [`config::Config`] |
+//! | [`sys`] | the only `unsafe`: syscalls behind safe signatures |
+//! | [`hardening`] | process hardening policy |
+//! | [`secret`] | reading, validating and locking the key |
+//! | [`token`] | the per-launch client token |
+//! | [`gate`] | pure: request head → allow or refusal |
+//! | [`headers`] | pure: header rewriting both ways |
+//! | [`upstream`] | TLS client, pool, connect timeout |
+//! | [`body`] | the streaming request and response bodies, their limits and timers |
+//! | [`proxy`] | one request: gate → forward → stream back |
+//! | [`server`] | listener, connection cap, graceful shutdown |
+//! | [`server_info`], [`dump`] | the files the proxy writes |
+//! | [`log`] | access and event lines on stderr |
+#![deny(unsafe_code)]
+
+pub mod body;
+pub mod config;
+pub mod dump;
+pub mod gate;
+pub mod hardening;
+pub mod headers;
+pub mod log;
+pub mod proxy;
+pub mod secret;
+pub mod server;
+pub mod server_info;
+pub mod sys;
+pub mod token;
+pub mod upstream;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::{Config, LogLevel};
+use crate::log::Logger;
+use crate::proxy::{Proxy, StopReason};
+use crate::secret::ApiKey;
+use crate::token::ProxyToken;
+use crate::upstream::Upstream;
+
+/// Longest drain after `GET /shutdown`, so the process is gone within about a second.
+const HTTP_SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
+
+/// Why the proxy stopped with an error; each maps to a documented exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// A flag value cannot be used (exit 2).
+    #[error("{0}")]
+    Usage(String),
+    /// A usage error already reported by the argument parser (exit 2).
+    #[error("invalid command line")]
+    UsageReported,
+    /// The key is missing, invalid or too long (exit 3).
+    #[error(transparent)]
+    Key(#[from] secret::KeyError),
+    /// Hardening failed (exit 4).
+    #[error(transparent)]
+    Hardening(#[from] hardening::HardeningError),
+    /// The listener could not be bound (exit 5).
+    #[error(
+        "cannot listen on {addr}: {source}; choose another --port or omit it for an ephemeral port"
+    )]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The server-info file cannot be written safely (exit 6).
+    #[error(transparent)]
+    ServerInfo(#[from] server_info::ServerInfoError),
+    /// Anything else at run time (exit 1).
+    #[error("{0}")]
+    Runtime(String),
+}
+
+impl RunError {
+    /// The documented exit code.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Runtime(_) => 1,
+            Self::Usage(_) | Self::UsageReported => 2,
+            Self::Key(_) => 3,
+            Self::Hardening(_) => 4,
+            Self::Listen { .. } => 5,
+            Self::ServerInfo(_) => 6,
+        }
+    }
+}
+
+/// Everything prepared before the runtime starts (single-threaded, after hardening).
+pub struct Prepared {
+    config: Config,
+    key: ApiKey,
+    token: ProxyToken,
+    upstream: Upstream,
+    dumper: Option<dump::Dumper>,
+    logger: Logger,
+}
+
+/// Validates files named by flags, generates the token and builds the upstream client.
+/// Runs before any thread exists.
+pub fn prepare(config: Config, key: ApiKey) -> Result<Prepared, RunError> {
+    let logger = Logger::new(config.log_format, config.log_level);
+    let token = ProxyToken::generate().map_err(|e| RunError::Runtime(e.to_string()))?;
+    if let Some(path) = &config.server_info {
+        server_info::preflight(path)?;
+    }
+    let upstream = Upstream::new(
+        &config.upstream,
+        config.upstream_ca.as_deref(),
+        config.upstream_connect_timeout,
+    )
+    .map_err(|e| RunError::Usage(e.to_string()))?;
+    let dumper = match &config.dump_dir {
+        Some(dir) => Some(
+            dump::Dumper::new(dir, config.dump_max_body, logger)
+                .map_err(|e| RunError::Runtime(e.to_string()))?,
+        ),
+        None => None,
+    };
+    Ok(Prepared {
+        config,
+        key,
+        token,
+        upstream,
+        dumper,
+        logger,
+    })
+}
+
+/// Binds, announces, serves until SIGTERM/SIGINT or `GET /shutdown`, then cleans up.
+pub async fn serve(p: Prepared) -> Result<(), RunError> {
+    let Prepared {
+        config,
+        key,
+        token,
+        upstream,
+        dumper,
+        logger,
+    } = p;
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, config.port));
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| RunError::Listen { addr, source })?;
+    let port = listener
+        .local_addr()
+        .map_err(|source| RunError::Listen { addr, source })?
+        .port();
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| RunError::Runtime(format!("cannot handle SIGTERM: {e}")))?;
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(|e| RunError::Runtime(format!("cannot handle SIGINT: {e}")))?;
+
+    let written = match &config.server_info {
+        Some(path) => {
+            let info = server_info::ServerInfo {
+                port,
+                pid: std::process::id(),
+                auth_token: token.as_str(),
+            };
+            Some(server_info::write(path, &info)?)
+        }
+        None => {
+            // The one place the token is printed: labelled, on its own line, only when
+            // there is no server-info file to carry it.
+            eprintln!("proxy token: {}", token.as_str());
+            None
+        }
+    };
+    let port_text = port.to_string();
+    let upstream_text = upstream.uri().to_string();
+    logger.event(
+        LogLevel::Info,
+        "listening",
+        &[
+            ("addr", &format!("127.0.0.1:{port_text}")),
+            ("upstream", &upstream_text),
+        ],
+    );
+
+    let (stop_tx, mut stop_rx) = watch::channel(None);
+    let limits = server::ServerLimits {
+        max_connections: config.max_connections,
+        header_read_timeout: config.header_read_timeout,
+        max_header_size: config.max_header_size,
+    };
+    let grace = config.shutdown_grace;
+    let proxy = Arc::new(Proxy::new(
+        &config, port, token, key, upstream, dumper, stop_tx,
+    ));
+    let shutdown = async move {
+        tokio::select! {
+            _ = sigterm.recv() => { logger.event(LogLevel::Info, "SIGTERM received; shutting down", &[]); grace }
+            _ = sigint.recv() => { logger.event(LogLevel::Info, "SIGINT received; shutting down", &[]); grace }
+            _ = stop_rx.wait_for(|r| *r == Some(StopReason::HttpShutdown)) => {
+                logger.event(LogLevel::Info, "GET /shutdown received; shutting down", &[]);
+                grace.min(HTTP_SHUTDOWN_GRACE)
+            }
+        }
+    };
+    server::run(listener, proxy, limits, shutdown).await;
+    if let Some(w) = written {
+        w.remove();
+    }
+    logger.event(LogLevel::Info, "stopped", &[]);
+    Ok(())
+}

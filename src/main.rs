@@ -1,0 +1,66 @@
+//! The binary: harden, parse, read the key, build the runtime, serve, map the result to an
+//! exit code. No logic lives here.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use responses_api_proxy::config::{Args, Config};
+use responses_api_proxy::secret::ApiKey;
+use responses_api_proxy::{RunError, hardening, sys};
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if !matches!(e, RunError::UsageReported) {
+                eprintln!("responses-api-proxy: error: {e}");
+            }
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+fn run() -> Result<(), RunError> {
+    // Before anything else, and before any thread exists.
+    hardening::harden_process()?;
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) => {
+            // clap's own message; --help and --version are not errors.
+            let _ = e.print();
+            return if e.use_stderr() {
+                Err(RunError::UsageReported)
+            } else {
+                Ok(())
+            };
+        }
+    };
+    let config = Config::from_args(args).map_err(|e| RunError::Usage(e.to_string()))?;
+    let key = ApiKey::read_from_stdin()?;
+    if let Some(e) = key.lock_error() {
+        eprintln!(
+            "responses-api-proxy: warning: could not lock the key in memory ({e}); it may be \
+             written to swap. Raise RLIMIT_MEMLOCK (ulimit -l) to fix this."
+        );
+    }
+    if let Err(e) = sys::replace_stdin_with_dev_null() {
+        eprintln!("responses-api-proxy: warning: could not close standard input ({e})");
+    }
+    for name in sys::scrub_env_values_equal_to(key.expose_bytes()) {
+        eprintln!(
+            "responses-api-proxy: warning: environment variable {name} held the API key; it \
+             was wiped and removed. Launch the proxy with `env -u {name}` so the key never \
+             sits in its environment."
+        );
+    }
+    let prepared = responses_api_proxy::prepare(config, key)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(16)
+        .enable_all()
+        .build()
+        .map_err(|e| RunError::Runtime(format!("cannot start the async runtime: {e}")))?;
+    let result = runtime.block_on(responses_api_proxy::serve(prepared));
+    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+    result
+}

@@ -1,0 +1,334 @@
+//! One request: gate → forward → stream back. Refusals and upstream failures become small
+//! OpenAI-shaped JSON errors that echo nothing the caller sent.
+//!
+//! Knows nothing about sockets or connections: `server.rs` hands it a request and sends
+//! back whatever it returns.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+use tokio::sync::watch;
+
+use crate::body::{BodyFault, ExchangeState, ProxyBody, ResponseStream, UpstreamRequestBody};
+use crate::config::{Config, LogLevel};
+use crate::dump::{Dumper, ResponseSlot};
+use crate::gate::{self, GatePolicy, Route};
+use crate::headers;
+use crate::log::{AccessRecord, Logger, sanitize_request_id};
+use crate::secret::ApiKey;
+use crate::token::ProxyToken;
+use crate::upstream::{self, Upstream, UpstreamFailure};
+
+/// Why the proxy is stopping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// An authorised `GET /shutdown`.
+    HttpShutdown,
+}
+
+/// Everything one request needs, shared by all connections.
+pub struct Proxy {
+    port: u16,
+    token: ProxyToken,
+    http_shutdown: bool,
+    key: ApiKey,
+    upstream: Upstream,
+    max_request_body: u64,
+    body_read_timeout: Duration,
+    upstream_idle_timeout: Duration,
+    dumper: Option<Arc<Dumper>>,
+    logger: Logger,
+    stop: watch::Sender<Option<StopReason>>,
+}
+
+/// A small error body the proxy makes itself.
+pub fn error_body(message: &str, error_type: &str, code: &str) -> Bytes {
+    let v = serde_json::json!({
+        "error": { "message": message, "type": error_type, "code": code, "param": null }
+    });
+    Bytes::from(v.to_string())
+}
+
+fn json_response(status: StatusCode, body: Bytes) -> Response<ProxyBody> {
+    let mut resp = Response::new(ProxyBody::Fixed(Some(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut()
+        .insert("cache-control", HeaderValue::from_static("no-store"));
+    resp
+}
+
+/// The access-log label for a path: only routes the proxy serves are named.
+fn path_label(path: &str) -> &'static str {
+    match path {
+        gate::RESPONSES_PATH => gate::RESPONSES_PATH,
+        gate::SHUTDOWN_PATH => gate::SHUTDOWN_PATH,
+        _ => "<other>",
+    }
+}
+
+/// The value of a single, valid `Content-Length`.
+fn content_length(headers: &http::HeaderMap) -> Option<u64> {
+    let mut values = headers.get_all(CONTENT_LENGTH).iter();
+    match (values.next(), values.next()) {
+        (Some(v), None) => v.to_str().ok()?.parse().ok(),
+        _ => None,
+    }
+}
+
+impl Proxy {
+    /// Assembles the proxy for a listener bound to `port`.
+    pub fn new(
+        config: &Config,
+        port: u16,
+        token: ProxyToken,
+        key: ApiKey,
+        upstream: Upstream,
+        dumper: Option<Dumper>,
+        stop: watch::Sender<Option<StopReason>>,
+    ) -> Self {
+        Self {
+            port,
+            token,
+            http_shutdown: config.http_shutdown,
+            key,
+            upstream,
+            max_request_body: config.max_request_body,
+            body_read_timeout: config.body_read_timeout,
+            upstream_idle_timeout: config.upstream_idle_timeout,
+            dumper: dumper.map(Arc::new),
+            logger: Logger::new(config.log_format, config.log_level),
+            stop,
+        }
+    }
+
+    /// The logger.
+    pub fn logger(&self) -> Logger {
+        self.logger
+    }
+
+    /// Handles one request. Never fails: every problem is a response.
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ProxyBody> {
+        let start = Instant::now();
+        let (parts, body) = req.into_parts();
+        let mut record = AccessRecord {
+            method: parts.method.as_str().to_string(),
+            path: path_label(parts.uri.path()),
+            ..AccessRecord::default()
+        };
+        let policy = GatePolicy {
+            port: self.port,
+            token: &self.token,
+            http_shutdown: self.http_shutdown,
+        };
+        match gate::check(&parts.method, &parts.uri, &parts.headers, &policy) {
+            Err(refusal) => {
+                let body = error_body(refusal.message(), refusal.error_type(), refusal.code());
+                self.finish_fixed(&mut record, start, refusal.status(), refusal.code(), body)
+            }
+            Ok(Route::Shutdown) => {
+                let _ = self.stop.send(Some(StopReason::HttpShutdown));
+                let body = Bytes::from_static(b"{\"status\":\"shutting down\"}");
+                self.finish_fixed(&mut record, start, StatusCode::OK, "shutdown", body)
+            }
+            Ok(Route::Responses) => self.forward(parts, body, start, record).await,
+        }
+    }
+
+    fn finish_fixed(
+        &self,
+        record: &mut AccessRecord,
+        start: Instant,
+        status: StatusCode,
+        outcome: &'static str,
+        body: Bytes,
+    ) -> Response<ProxyBody> {
+        record.status = status.as_u16();
+        record.bytes_out = body.len() as u64;
+        record.duration = start.elapsed();
+        record.outcome = outcome;
+        self.logger.access(record);
+        json_response(status, body)
+    }
+
+    async fn forward(
+        &self,
+        parts: http::request::Parts,
+        body: Incoming,
+        start: Instant,
+        mut record: AccessRecord,
+    ) -> Response<ProxyBody> {
+        if content_length(&parts.headers).is_some_and(|n| n > self.max_request_body) {
+            return self.finish_error(&mut record, start, None, ProxyError::TooLarge);
+        }
+        let state = Arc::new(ExchangeState::new(start));
+        let (request_dump, slot) = match &self.dumper {
+            Some(d) => {
+                let (req, slot) = d.begin(&parts.method, &parts.uri.to_string(), &parts.headers);
+                (Some(req), Some(slot))
+            }
+            None => (None, None),
+        };
+        let body = UpstreamRequestBody::new(
+            body,
+            self.max_request_body,
+            self.body_read_timeout,
+            Arc::clone(&state),
+            request_dump,
+        );
+        let mut up = Request::new(body);
+        *up.method_mut() = Method::POST;
+        *up.uri_mut() = self.upstream.uri().clone();
+        *up.version_mut() = Version::HTTP_11;
+        *up.headers_mut() = headers::to_upstream(parts.headers, self.key.header_value());
+
+        let result = self.await_head(up, &state).await;
+        record.bytes_in = state.bytes_in();
+        let resp = match result {
+            Ok(resp) => resp,
+            Err(e) => return self.finish_error(&mut record, start, slot, e),
+        };
+        let (mut rparts, rbody) = resp.into_parts();
+        record.ttfb = Some(start.elapsed());
+        record.status = rparts.status.as_u16();
+        record.upstream_request_id = rparts
+            .headers
+            .get("x-request-id")
+            .and_then(|v| sanitize_request_id(v.as_bytes()));
+        rparts.headers = headers::to_client(rparts.headers);
+        rparts.version = Version::HTTP_11;
+        let dump = slot.map(|s| s.open(rparts.status, &rparts.headers));
+        let stream = ResponseStream::new(
+            rbody,
+            self.upstream_idle_timeout,
+            start,
+            record,
+            self.logger,
+            dump,
+        );
+        Response::from_parts(rparts, ProxyBody::Stream(Box::new(stream)))
+    }
+
+    /// Sends `up` and waits for the response head. The idle clock restarts whenever the
+    /// client's request body makes progress, so a slow large upload is not cut.
+    async fn await_head(
+        &self,
+        up: Request<UpstreamRequestBody>,
+        state: &ExchangeState,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let fut = self.upstream.request(up);
+        tokio::pin!(fut);
+        loop {
+            let deadline = state.last_activity() + self.upstream_idle_timeout;
+            tokio::select! {
+                result = &mut fut => {
+                    return result.map_err(|e| {
+                        // A failing request body is the client's doing, not the upstream's.
+                        match state.fault() {
+                            BodyFault::TooLarge => ProxyError::TooLarge,
+                            BodyFault::Stalled => ProxyError::ClientStalled,
+                            BodyFault::ClientError => ProxyError::ClientBody,
+                            BodyFault::None => {
+                                let reason = upstream::describe(&e);
+                                self.logger.event(LogLevel::Warn, "upstream request failed", &[("reason", &reason)]);
+                                match upstream::classify(&e) {
+                                    UpstreamFailure::ConnectTimeout => ProxyError::ConnectTimeout,
+                                    UpstreamFailure::Unavailable => ProxyError::BadGateway,
+                                }
+                            }
+                        }
+                    });
+                }
+                () = tokio::time::sleep_until(deadline.into()) => {
+                    if state.last_activity() + self.upstream_idle_timeout <= Instant::now() {
+                        self.logger.event(LogLevel::Warn, "upstream sent no response within --upstream-idle-timeout", &[]);
+                        return Err(ProxyError::IdleTimeout);
+                    }
+                }
+            }
+        }
+    }
+
+    fn finish_error(
+        &self,
+        record: &mut AccessRecord,
+        start: Instant,
+        slot: Option<ResponseSlot>,
+        e: ProxyError,
+    ) -> Response<ProxyBody> {
+        let (status, error_type, code, message) = e.parts();
+        let body = error_body(message, error_type, code);
+        if let Some(slot) = slot {
+            slot.open(status, &http::HeaderMap::new())
+                .finish_with(&body);
+        }
+        self.finish_fixed(record, start, status, code, body)
+    }
+}
+
+/// A failure of a forwarded request that the proxy answers itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyError {
+    /// The request body is over the limit.
+    TooLarge,
+    /// The client stopped sending its body.
+    ClientStalled,
+    /// The client's body was malformed or cut.
+    ClientBody,
+    /// The upstream could not be reached in time.
+    ConnectTimeout,
+    /// The upstream sent nothing in time.
+    IdleTimeout,
+    /// The upstream refused, failed TLS, or answered malformed HTTP.
+    BadGateway,
+}
+
+impl ProxyError {
+    /// Status, `error.type`, `error.code`, `error.message`.
+    pub fn parts(self) -> (StatusCode, &'static str, &'static str, &'static str) {
+        match self {
+            Self::TooLarge => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                "request_too_large",
+                "the request body is larger than the proxy's --max-request-body limit",
+            ),
+            Self::ClientStalled => (
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                "request_body_timeout",
+                "the client stopped sending the request body for longer than --body-read-timeout",
+            ),
+            Self::ClientBody => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "request_body_error",
+                "the request body was malformed or cut off",
+            ),
+            Self::ConnectTimeout => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream_error",
+                "upstream_connect_timeout",
+                "the proxy could not connect to the upstream within --upstream-connect-timeout",
+            ),
+            Self::IdleTimeout => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream_error",
+                "upstream_timeout",
+                "the upstream sent no response within --upstream-idle-timeout",
+            ),
+            Self::BadGateway => (
+                StatusCode::BAD_GATEWAY,
+                "upstream_error",
+                "upstream_unavailable",
+                "the proxy could not reach the upstream or got an invalid answer from it; the \
+                 proxy's log says why",
+            ),
+        }
+    }
+}

@@ -1,0 +1,289 @@
+//! The only module allowed to use `unsafe`: thin, checked wrappers over the system calls the
+//! proxy needs (read(2), mmap/mlock/madvise, prctl, setrlimit, termios, the environment).
+//!
+//! Each function has a safe signature, turns `-1` into `io::Error`, and carries a `SAFETY:`
+//! argument on every block. Policy (what to call, when, and what a failure means) lives in
+//! `hardening.rs` and `secret.rs`; nothing here decides anything.
+#![allow(unsafe_code)]
+
+use std::ffi::{CStr, OsStr};
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+
+/// Turns a C-style `-1` return into the thread's `errno` as an `io::Error`.
+fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// One `read(2)` on `fd` into `buf`. Returns the count read (0 at end of file). EINTR is
+/// returned as `ErrorKind::Interrupted` for the caller to retry.
+pub fn read_fd(fd: libc::c_int, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is a valid, writable slice of `buf.len()` bytes for the whole call, and
+    // read(2) writes at most that many bytes into it.
+    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        // `n` is non-negative and at most `buf.len()`, so it fits a usize.
+        Ok(n as usize)
+    }
+}
+
+/// The system's page size.
+pub fn page_size() -> usize {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if n <= 0 { 4096 } else { n as usize }
+}
+
+/// Maps `len` bytes (rounded up to whole pages) of private anonymous, zero-filled memory that
+/// is never unmapped: the region lives as long as the process. Used for the API key only.
+pub fn map_private_pages(len: usize) -> io::Result<&'static mut [u8]> {
+    let page = page_size();
+    let len = len.div_ceil(page).max(1) * page;
+    // SAFETY: an anonymous private mapping with a null hint has no preconditions; the result
+    // is checked against MAP_FAILED before use.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a fresh, zero-filled, readable and writable mapping of `len`
+    // bytes that nothing else references; it is never unmapped, so `'static` holds, and the
+    // only reference to it is the one returned here.
+    Ok(unsafe { std::slice::from_raw_parts_mut(ptr.cast::<u8>(), len) })
+}
+
+/// Locks the pages holding `region` into RAM so they are never written to swap.
+pub fn mlock(region: &[u8]) -> io::Result<()> {
+    // SAFETY: mlock only reads the address range of a live slice; it does not access it.
+    check(unsafe { libc::mlock(region.as_ptr().cast(), region.len()) }).map(drop)
+}
+
+/// Excludes the pages holding `region` (which must be page-aligned) from core dumps.
+#[cfg(target_os = "linux")]
+pub fn madvise_dontdump(region: &mut [u8]) -> io::Result<()> {
+    // SAFETY: `region` is a live, page-aligned mapping we own; MADV_DONTDUMP changes only
+    // how the kernel dumps it, not its contents or validity.
+    check(unsafe {
+        libc::madvise(
+            region.as_mut_ptr().cast(),
+            region.len(),
+            libc::MADV_DONTDUMP,
+        )
+    })
+    .map(drop)
+}
+
+/// Excluding pages from core dumps is Linux-only; elsewhere core dumps are disabled instead.
+#[cfg(not(target_os = "linux"))]
+pub fn madvise_dontdump(_region: &mut [u8]) -> io::Result<()> {
+    Ok(())
+}
+
+/// Marks the process not dumpable: no core files, no ptrace attach by the same user, and
+/// `/proc/PID/mem` and `/proc/PID/environ` readable only by root.
+#[cfg(target_os = "linux")]
+pub fn set_not_dumpable() -> io::Result<()> {
+    // SAFETY: PR_SET_DUMPABLE takes an integer argument and touches no memory of ours.
+    check(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0 as libc::c_ulong, 0, 0, 0) }).map(drop)
+}
+
+/// Reads back the dumpable flag (for verification).
+#[cfg(target_os = "linux")]
+pub fn is_dumpable() -> io::Result<bool> {
+    // SAFETY: PR_GET_DUMPABLE takes no pointer arguments.
+    check(unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) }).map(|v| v != 0)
+}
+
+/// Denies debugger attachment (macOS).
+#[cfg(target_os = "macos")]
+pub fn deny_attach() -> io::Result<()> {
+    // SAFETY: PT_DENY_ATTACH takes no address or data argument.
+    check(unsafe { libc::ptrace(libc::PT_DENY_ATTACH, 0, std::ptr::null_mut(), 0) }).map(drop)
+}
+
+/// Sets both the soft and the hard core-file size limit to zero.
+pub fn disable_core_files() -> io::Result<()> {
+    let zero = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `zero` is a valid rlimit that outlives the call.
+    check(unsafe { libc::setrlimit(libc::RLIMIT_CORE, &zero) }).map(drop)
+}
+
+/// Whether `fd` refers to a terminal.
+pub fn is_terminal(fd: libc::c_int) -> bool {
+    // SAFETY: isatty has no memory-safety preconditions.
+    unsafe { libc::isatty(fd) == 1 }
+}
+
+/// Terminal echo turned off on `fd` until this guard is dropped.
+pub struct EchoOff {
+    fd: libc::c_int,
+    saved: libc::termios,
+}
+
+impl EchoOff {
+    /// Turns echo off on the terminal `fd`, remembering the previous settings.
+    pub fn new(fd: libc::c_int) -> io::Result<Self> {
+        // SAFETY: termios is plain data; an all-zero value is valid and is overwritten below.
+        let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: `saved` is a valid, writable termios for the call.
+        check(unsafe { libc::tcgetattr(fd, &mut saved) })?;
+        let mut quiet = saved;
+        quiet.c_lflag &= !(libc::ECHO | libc::ECHONL);
+        // SAFETY: `quiet` is a valid termios that outlives the call.
+        check(unsafe { libc::tcsetattr(fd, libc::TCSAFLUSH, &quiet) })?;
+        Ok(Self { fd, saved })
+    }
+}
+
+impl Drop for EchoOff {
+    fn drop(&mut self) {
+        // SAFETY: `self.saved` is the valid termios read in `new`. A failure leaves the
+        // terminal without echo, which the user can fix with `stty echo`; nothing to do here.
+        unsafe {
+            libc::tcsetattr(self.fd, libc::TCSAFLUSH, &self.saved);
+        }
+    }
+}
+
+/// Points fd 0 at `/dev/null`, so nothing can later read what followed the key on stdin and
+/// the pipe the key came through is closed.
+pub fn replace_stdin_with_dev_null() -> io::Result<()> {
+    let path = c"/dev/null";
+    // SAFETY: `path` is a NUL-terminated string that outlives the call.
+    let fd = check(unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) })?;
+    if fd != 0 {
+        // SAFETY: both descriptors are open; dup2 closes fd 0 atomically and replaces it.
+        let dup = check(unsafe { libc::dup2(fd, 0) });
+        // SAFETY: `fd` is a descriptor we opened above and no longer need.
+        unsafe { libc::close(fd) };
+        dup?;
+    }
+    Ok(())
+}
+
+/// The effective user id of the process.
+pub fn effective_uid() -> u32 {
+    // SAFETY: geteuid cannot fail and has no preconditions.
+    unsafe { libc::geteuid() }
+}
+
+unsafe extern "C" {
+    /// The C library's environment block.
+    static mut environ: *mut *mut libc::c_char;
+}
+
+/// Names of environment variables, in the environment's own order.
+fn env_entries() -> Vec<*mut libc::c_char> {
+    let mut out = Vec::new();
+    // SAFETY: called only before any other thread exists (see callers), so nothing modifies
+    // `environ` concurrently; the array is NULL-terminated by contract.
+    unsafe {
+        let mut p = environ;
+        if p.is_null() {
+            return out;
+        }
+        while !(*p).is_null() {
+            out.push(*p);
+            p = p.add(1);
+        }
+    }
+    out
+}
+
+/// Overwrites in place, then removes, every environment variable whose value equals
+/// `secret`. Returns the names it removed. The bytes are overwritten where they sit (for the
+/// initial environment that is the memory `/proc/PID/environ` shows), so the value is gone,
+/// not just unlinked.
+///
+/// Must be called before any other thread is started.
+pub fn scrub_env_values_equal_to(secret: &[u8]) -> Vec<String> {
+    let mut removed = Vec::new();
+    for entry in env_entries() {
+        // SAFETY: every entry of `environ` is a NUL-terminated C string that stays valid
+        // while no thread modifies the environment (single-threaded, see above).
+        let bytes = unsafe { CStr::from_ptr(entry) }.to_bytes();
+        let Some(eq) = bytes.iter().position(|&b| b == b'=') else {
+            continue;
+        };
+        if &bytes[eq + 1..] != secret {
+            continue;
+        }
+        let name = String::from_utf8_lossy(&bytes[..eq]).into_owned();
+        let value_len = bytes.len() - eq - 1;
+        // SAFETY: the value occupies `value_len` bytes right after the '=' of a string we
+        // just measured; writing zeros there stays inside it. Volatile writes keep the
+        // compiler from dropping a store it may think is dead.
+        unsafe {
+            let value = entry.add(eq + 1).cast::<u8>();
+            for i in 0..value_len {
+                std::ptr::write_volatile(value.add(i), 0);
+            }
+        }
+        remove_env_var(OsStr::from_bytes(name.as_bytes()));
+        removed.push(name);
+    }
+    removed
+}
+
+/// Names of all environment variables (for the hardening policy to choose from).
+pub fn env_names() -> Vec<Vec<u8>> {
+    env_entries()
+        .into_iter()
+        .filter_map(|entry| {
+            // SAFETY: as in `scrub_env_values_equal_to`.
+            let bytes = unsafe { CStr::from_ptr(entry) }.to_bytes();
+            bytes
+                .iter()
+                .position(|&b| b == b'=')
+                .map(|eq| bytes[..eq].to_vec())
+        })
+        .collect()
+}
+
+/// Removes one environment variable. Must be called before any other thread is started.
+pub fn remove_env_var(name: &OsStr) {
+    // SAFETY: callers run before any other thread exists, so no thread reads the
+    // environment concurrently, which is the only precondition of `remove_var`.
+    unsafe { std::env::remove_var(name) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mapped_pages_are_page_aligned_zeroed_and_lockable() {
+        let region = map_private_pages(10).expect("mmap");
+        assert_eq!(region.len() % page_size(), 0);
+        assert_eq!(region.as_ptr() as usize % page_size(), 0);
+        assert!(region.iter().all(|&b| b == 0));
+        region[0] = 1;
+        // mlock can be refused by RLIMIT_MEMLOCK on some machines; it must not crash.
+        let _ = mlock(region);
+        madvise_dontdump(region).expect("madvise");
+    }
+
+    #[test]
+    fn read_fd_reports_bad_descriptor() {
+        let mut buf = [0u8; 4];
+        let err = read_fd(-1, &mut buf).expect_err("fd -1 is invalid");
+        assert_eq!(err.raw_os_error(), Some(libc::EBADF));
+    }
+}

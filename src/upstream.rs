@@ -1,0 +1,229 @@
+//! The client side: one pooled hyper client to the one upstream origin, over rustls with
+//! the bundled web PKI roots (plus `--upstream-ca`), ALPN h2 and http/1.1, a connect timeout
+//! that covers the TLS handshake, no redirects and no ambient `HTTP(S)_PROXY`.
+//!
+//! It knows nothing about clients: it is handed a finished request and returns the
+//! upstream's response or a classified error.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::Uri;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls::RootCertStore;
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+
+use crate::body::UpstreamRequestBody;
+use crate::config::UpstreamTarget;
+
+/// How long an idle pooled upstream connection is kept.
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why the upstream client could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamSetupError {
+    /// The `--upstream-ca` file could not be read or parsed.
+    #[error("cannot use --upstream-ca {path}: {reason}")]
+    Ca {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The TLS configuration was refused by rustls.
+    #[error("cannot set up TLS for the upstream: {0}")]
+    Tls(rustls::Error),
+}
+
+/// The connect timeout elapsed (TCP connect plus TLS handshake).
+#[derive(Debug)]
+pub struct ConnectTimeout;
+
+impl fmt::Display for ConnectTimeout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("timed out connecting to the upstream")
+    }
+}
+
+impl StdError for ConnectTimeout {}
+
+/// Wraps a connector so that the whole connect (including TLS) has one deadline.
+#[derive(Clone)]
+pub struct TimeoutConnector<C> {
+    inner: C,
+    timeout: Duration,
+}
+
+type BoxError = Box<dyn StdError + Send + Sync>;
+
+impl<C> tower_service::Service<Uri> for TimeoutConnector<C>
+where
+    C: tower_service::Service<Uri> + Send + 'static,
+    C::Future: Send + 'static,
+    C::Error: Into<BoxError>,
+    C::Response: Send + 'static,
+{
+    type Response = C::Response;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<C::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, dst: Uri) -> Self::Future {
+        let fut = self.inner.call(dst);
+        let timeout = self.timeout;
+        Box::pin(async move {
+            match tokio::time::timeout(timeout, fut).await {
+                Ok(r) => r.map_err(Into::into),
+                Err(_) => Err(Box::new(ConnectTimeout) as BoxError),
+            }
+        })
+    }
+}
+
+/// The connector stack.
+pub type Connector = TimeoutConnector<HttpsConnector<HttpConnector>>;
+
+/// The pooled upstream client and its one target.
+#[derive(Clone)]
+pub struct Upstream {
+    client: Client<Connector, UpstreamRequestBody>,
+    uri: Uri,
+}
+
+/// How an upstream request failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamFailure {
+    /// Could not connect in time.
+    ConnectTimeout,
+    /// Anything else: refused, reset, TLS, malformed answer.
+    Unavailable,
+}
+
+fn load_roots(ca: Option<&Path>) -> Result<RootCertStore, UpstreamSetupError> {
+    let mut roots = RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = ca {
+        let ca_err = |reason: String| UpstreamSetupError::Ca {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let pem = std::fs::read(path).map_err(|e| ca_err(e.to_string()))?;
+        let mut added = 0;
+        for cert in CertificateDer::pem_slice_iter(&pem) {
+            let cert = cert.map_err(|e| ca_err(format!("not a PEM certificate file ({e})")))?;
+            roots
+                .add(cert)
+                .map_err(|e| ca_err(format!("unusable certificate ({e})")))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(ca_err(
+                "no PEM certificate (-----BEGIN CERTIFICATE-----) found".into(),
+            ));
+        }
+    }
+    Ok(roots)
+}
+
+impl Upstream {
+    /// Builds the client. Reads `ca` if given.
+    pub fn new(
+        target: &UpstreamTarget,
+        ca: Option<&Path>,
+        connect_timeout: Duration,
+    ) -> Result<Self, UpstreamSetupError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(UpstreamSetupError::Tls)?
+            .with_root_certificates(load_roots(ca)?)
+            .with_no_client_auth();
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(connect_timeout));
+        let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls);
+        // Config validation allows plain http only for loopback hosts.
+        let builder = if target.tls {
+            builder.https_only()
+        } else {
+            builder.https_or_http()
+        };
+        let https = builder.enable_all_versions().wrap_connector(http);
+        let connector = TimeoutConnector {
+            inner: https,
+            timeout: connect_timeout,
+        };
+        let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .build(connector);
+        Ok(Self {
+            client,
+            uri: target.uri.clone(),
+        })
+    }
+
+    /// The URL requests go to.
+    pub fn uri(&self) -> &Uri {
+        &self.uri
+    }
+
+    /// Sends one request (its URI must be [`Upstream::uri`]).
+    pub fn request(
+        &self,
+        req: http::Request<UpstreamRequestBody>,
+    ) -> impl Future<
+        Output = Result<http::Response<hyper::body::Incoming>, hyper_util::client::legacy::Error>,
+    > + Send
+    + 'static {
+        self.client.request(req)
+    }
+}
+
+/// Classifies a client error, for the status and the log.
+pub fn classify(err: &hyper_util::client::legacy::Error) -> UpstreamFailure {
+    let mut source: Option<&(dyn StdError + 'static)> = Some(err);
+    while let Some(e) = source {
+        if e.is::<ConnectTimeout>() {
+            return UpstreamFailure::ConnectTimeout;
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::TimedOut
+        {
+            return UpstreamFailure::ConnectTimeout;
+        }
+        source = e.source();
+    }
+    UpstreamFailure::Unavailable
+}
+
+/// The error and its causes on one line, for the log. hyper, rustls and io errors carry no
+/// header values, so this never contains the key.
+pub fn describe(err: &(dyn StdError + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        let s = e.to_string();
+        if !out.ends_with(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        source = e.source();
+    }
+    out
+}
