@@ -267,7 +267,9 @@ impl ResponseStream {
 impl Drop for ResponseStream {
     fn drop(&mut self) {
         let (outcome, broken) = match self.end {
+            // hyper stops polling once it has sent `Content-Length` bytes.
             StreamEnd::Complete => ("ok", None),
+            StreamEnd::Open if self.inner.is_end_stream() => ("ok", None),
             StreamEnd::Open => ("client_closed", Some("the client went away before the end")),
             StreamEnd::UpstreamBroke => {
                 ("upstream_broke", Some("the upstream broke off the stream"))

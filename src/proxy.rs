@@ -161,6 +161,23 @@ impl Proxy {
         parts: http::request::Parts,
         body: Incoming,
         start: Instant,
+        record: AccessRecord,
+    ) -> Response<ProxyBody> {
+        let mut pending = PendingRecord {
+            record: Some(record.clone()),
+            start,
+            logger: self.logger,
+        };
+        let resp = self.forward_inner(parts, body, start, record).await;
+        pending.record = None;
+        resp
+    }
+
+    async fn forward_inner(
+        &self,
+        parts: http::request::Parts,
+        body: Incoming,
+        start: Instant,
         mut record: AccessRecord,
     ) -> Response<ProxyBody> {
         if content_length(&parts.headers).is_some_and(|n| n > self.max_request_body) {
@@ -268,6 +285,24 @@ impl Proxy {
                 .finish_with(&body);
         }
         self.finish_fixed(record, start, status, code, body)
+    }
+}
+
+/// Logs the access line of an exchange whose handler was dropped before it produced a
+/// response (the client went away while the upstream was still thinking).
+struct PendingRecord {
+    record: Option<AccessRecord>,
+    start: Instant,
+    logger: Logger,
+}
+
+impl Drop for PendingRecord {
+    fn drop(&mut self) {
+        if let Some(mut r) = self.record.take() {
+            r.duration = self.start.elapsed();
+            r.outcome = "client_closed";
+            self.logger.access(&r);
+        }
     }
 }
 

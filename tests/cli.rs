@@ -1,0 +1,344 @@
+//! The binary's command line, key input and start-up refusals: exit codes and messages.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use common::*;
+
+const UP: &str = "http://127.0.0.1:9/v1/responses";
+
+#[test]
+fn help_and_version_exit_zero() {
+    let (code, out) = run_to_exit(&["--help"], b"");
+    assert_eq!(code, Some(0));
+    for flag in [
+        "--port",
+        "--server-info",
+        "--http-shutdown",
+        "--upstream-url",
+        "--dump-dir",
+        "--upstream-ca",
+        "--max-request-body",
+    ] {
+        assert!(out.contains(flag), "{flag} missing from --help");
+    }
+    let (code, out) = run_to_exit(&["--version"], b"");
+    assert_eq!(code, Some(0));
+    assert!(out.contains(env!("CARGO_PKG_VERSION")));
+}
+
+#[test]
+fn bad_flags_exit_2_without_reading_the_key() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["--bogus"], "--bogus"),
+        (&["--port", "notaport"], "--port"),
+        (&["--port", "70000"], "--port"),
+        (
+            &["--upstream-url", "http://api.openai.com/v1/responses"],
+            "https",
+        ),
+        (
+            &[
+                "--upstream-url",
+                "https://user:pw@api.openai.com/v1/responses",
+            ],
+            "user info",
+        ),
+        (&["--upstream-url", "ftp://127.0.0.1/x"], "https"),
+        (&["--upstream-url", "not a url"], "absolute"),
+        (&["--max-request-body", "lots"], "size"),
+        (&["--upstream-idle-timeout", "0s"], "greater than zero"),
+        (&["--log-format", "xml"], "--log-format"),
+        (
+            &["--upstream-ca", "/nonexistent/ca.pem", "--upstream-url", UP],
+            "--upstream-ca",
+        ),
+    ];
+    for (args, needle) in cases {
+        let (code, err) = run_to_exit(args, format!("{KEY}\n").as_bytes());
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(!err.contains(KEY), "key echoed: {err}");
+    }
+}
+
+#[test]
+fn a_ca_file_without_certificates_is_a_usage_error() {
+    let dir = tempfile::tempdir().expect("dir");
+    let ca = write_file(dir.path(), "ca.pem", "hello\n");
+    let (code, err) = run_to_exit(
+        &[
+            "--upstream-url",
+            UP,
+            "--upstream-ca",
+            ca.to_str().expect("utf8"),
+        ],
+        format!("{KEY}\n").as_bytes(),
+    );
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("no PEM certificate"), "{err}");
+}
+
+#[test]
+fn bad_keys_exit_3_with_a_clear_message_and_no_key_bytes() {
+    let long = "k".repeat(8193);
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (b"".to_vec(), "no API key on standard input"),
+        (b"\n".to_vec(), "no API key on standard input"),
+        (b"\r\n".to_vec(), "no API key on standard input"),
+        (long.into_bytes(), "longer than 8192 bytes"),
+        (b"sk-test-secretpart with-space\n".to_vec(), "byte 19"),
+        (b"\"sk-test-secretpart\"\n".to_vec(), "byte 1"),
+        (b"OPENAI_API_KEY=sk-test-secretpart\n".to_vec(), "byte 16"),
+        (b"sk-test-secret\xffpart\n".to_vec(), "byte 15"),
+    ];
+    for (input, needle) in cases {
+        let (code, err) = run_to_exit(&["--upstream-url", UP], &input);
+        assert_eq!(
+            code,
+            Some(3),
+            "{:?}: {err}",
+            String::from_utf8_lossy(&input)
+        );
+        assert!(err.contains(needle), "{err}");
+        assert!(
+            err.contains("pipe the key in")
+                || err.contains("not allowed")
+                || err.contains("one line"),
+            "{err}"
+        );
+        assert!(
+            !err.contains("secretpart") && !err.contains("kkkk"),
+            "key bytes echoed: {err}"
+        );
+        assert_eq!(err.trim_end().lines().count(), 1, "one clear line: {err}");
+    }
+}
+
+#[test]
+fn keys_of_every_valid_shape_are_accepted() {
+    let jwt = format!("eyJhbGciOiJSUzI1NiJ9.{}.sig-_~+/==", "a".repeat(3000));
+    let max = "k".repeat(8192);
+    for key in [KEY.to_string(), format!("{KEY}\r"), jwt, max] {
+        let p = start_proxy_with(&["--upstream-url", UP], &format!("{key}\n"), &[]);
+        assert!(p.port > 0);
+    }
+    // No trailing newline at all: end of input ends the key.
+    let p = start_proxy_with(&["--upstream-url", UP], KEY, &[]);
+    assert!(p.port > 0);
+}
+
+#[test]
+fn token_is_printed_once_without_server_info_and_differs_per_launch() {
+    let mut tokens = Vec::new();
+    for _ in 0..2 {
+        let mut child = std::process::Command::new(bin())
+            .args(["--upstream-url", UP])
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        {
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(format!("{KEY}\n").as_bytes())
+                .expect("write");
+        }
+        let err = capture(child.stderr.take().expect("stderr"));
+        let line = poll_until(Duration::from_secs(10), "token line", || {
+            let text = String::from_utf8_lossy(&err.lock().expect("lock")).into_owned();
+            text.lines()
+                .find(|l| l.starts_with("proxy token: "))
+                .map(str::to_string)
+        });
+        let token = line.trim_start_matches("proxy token: ").to_string();
+        assert_eq!(token.len(), 43);
+        let _ = child.kill();
+        let _ = child.wait();
+        let text = String::from_utf8_lossy(&err.lock().expect("lock")).into_owned();
+        assert_eq!(text.matches(&token).count(), 1, "printed exactly once");
+        assert!(!text.contains(KEY));
+        tokens.push(token);
+    }
+    assert_ne!(tokens[0], tokens[1]);
+}
+
+#[test]
+fn server_info_refusals_exit_6_and_leave_the_path_untouched() {
+    let dir = tempfile::tempdir().expect("dir");
+    // A symlink to a decoy.
+    let decoy = write_file(dir.path(), "decoy", "decoy contents");
+    let link = dir.path().join("link.json");
+    std::os::unix::fs::symlink(&decoy, &link).expect("symlink");
+    let (code, err) = run_to_exit(
+        &[
+            "--upstream-url",
+            UP,
+            "--server-info",
+            link.to_str().expect("utf8"),
+        ],
+        format!("{KEY}\n").as_bytes(),
+    );
+    assert_eq!(code, Some(6), "{err}");
+    assert!(err.contains("symbolic link"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(&decoy).expect("decoy"),
+        "decoy contents"
+    );
+    assert!(
+        std::fs::symlink_metadata(&link)
+            .expect("link")
+            .file_type()
+            .is_symlink()
+    );
+
+    // An existing file readable by others.
+    let loose = write_file(dir.path(), "loose.json", "old");
+    std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let (code, err) = run_to_exit(
+        &[
+            "--upstream-url",
+            UP,
+            "--server-info",
+            loose.to_str().expect("utf8"),
+        ],
+        format!("{KEY}\n").as_bytes(),
+    );
+    assert_eq!(code, Some(6), "{err}");
+    assert!(err.contains("0644"), "{err}");
+    assert_eq!(std::fs::read_to_string(&loose).expect("loose"), "old");
+
+    // A directory writable by everyone without the sticky bit.
+    let open = dir.path().join("open");
+    std::fs::create_dir(&open).expect("mkdir");
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let target = open.join("info.json");
+    let (code, err) = run_to_exit(
+        &[
+            "--upstream-url",
+            UP,
+            "--server-info",
+            target.to_str().expect("utf8"),
+        ],
+        format!("{KEY}\n").as_bytes(),
+    );
+    assert_eq!(code, Some(6), "{err}");
+    assert!(err.contains("sticky"), "{err}");
+    assert!(!target.exists());
+
+    // A directory: not a regular file.
+    let (code, _) = run_to_exit(
+        &[
+            "--upstream-url",
+            UP,
+            "--server-info",
+            dir.path().to_str().expect("utf8"),
+        ],
+        format!("{KEY}\n").as_bytes(),
+    );
+    assert_eq!(code, Some(6));
+}
+
+#[test]
+fn existing_private_server_info_file_is_replaced() {
+    let dir = tempfile::tempdir().expect("dir");
+    let info = write_file(dir.path(), "info.json", "stale");
+    std::fs::set_permissions(&info, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let mut child = std::process::Command::new(bin())
+        .args([
+            "--upstream-url",
+            UP,
+            "--server-info",
+            info.to_str().expect("utf8"),
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    {
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(format!("{KEY}\n").as_bytes())
+            .expect("write");
+    }
+    poll_until(Duration::from_secs(10), "new server-info", || {
+        std::fs::read_to_string(&info)
+            .ok()
+            .filter(|t| t.contains("auth_token"))
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn port_in_use_exits_5() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = busy.local_addr().expect("addr").port().to_string();
+    let (code, err) = run_to_exit(
+        &["--upstream-url", UP, "--port", &port],
+        format!("{KEY}\n").as_bytes(),
+    );
+    assert_eq!(code, Some(5), "{err}");
+    assert!(err.contains("cannot listen"), "{err}");
+}
+
+#[test]
+fn fixed_port_is_used() {
+    let port = closed_port();
+    let p = start_proxy(&["--upstream-url", UP, "--port", &port.to_string()]);
+    assert_eq!(p.port, port);
+}
+
+#[test]
+fn key_in_the_environment_is_wiped_and_warned_about() {
+    let p = start_proxy_with(
+        &["--upstream-url", UP],
+        &format!("{KEY}\n"),
+        &[("MY_OPENAI_KEY", KEY), ("LD_PRELOAD_TEST_UNUSED", "x")],
+    );
+    let err = poll_until(Duration::from_secs(5), "warning", || {
+        let t = p.stderr_text();
+        t.contains("MY_OPENAI_KEY").then_some(t)
+    });
+    assert!(err.contains("env -u MY_OPENAI_KEY"), "{err}");
+    assert!(!err.contains(KEY));
+    // The initial environment block no longer holds the key (CI runs as root, and the
+    // process is non-dumpable, so only root can read this file).
+    let environ = std::fs::read(format!("/proc/{}/environ", p.child.id())).expect("read environ");
+    let needle = KEY.as_bytes();
+    assert!(
+        !environ.windows(needle.len()).any(|w| w == needle),
+        "key still in /proc/PID/environ"
+    );
+    // Dynamic-loader variables are gone from the live environment too.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", p.child.id())).expect("status");
+    assert!(status.contains("Name:"));
+}
+
+#[test]
+fn hardening_is_in_place() {
+    let p = start_proxy(&["--upstream-url", UP]);
+    let pid = p.child.id();
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .expect("core line");
+    let fields: Vec<&str> = core.split_whitespace().collect();
+    assert_eq!(&fields[4..6], ["0", "0"], "{core}");
+    // Not dumpable: /proc/PID/mem and friends belong to root.
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(format!("/proc/{pid}/mem")).expect("mem");
+    assert_eq!(meta.uid(), 0);
+    // stdin was replaced with /dev/null.
+    let fd0 = std::fs::read_link(format!("/proc/{pid}/fd/0")).expect("fd0");
+    assert_eq!(fd0.to_str(), Some("/dev/null"));
+}

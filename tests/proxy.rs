@@ -1,0 +1,681 @@
+//! The real binary against a mock upstream: forwarding, streaming, limits, failures,
+//! shutdown and the files it writes.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use tokio::sync::Notify;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwards_with_key_injected_and_headers_rewritten() {
+    let up = MockUpstream::plain(|_| {
+        Reply::json(200, r#"{"id":"resp_1"}"#)
+            .header("x-request-id", "req_abc")
+            .header("connection", "x-upstream-hop")
+            .header("x-upstream-hop", "1")
+            .header("keep-alive", "timeout=9")
+    })
+    .await;
+    let url = format!("{}?api-version=2025-04-01-preview", up.url());
+    let p = start_proxy(&["--upstream-url", &url]);
+    let body = r#"{"model":"gpt-test","input":"hi","stream":false}"#;
+    let req = Request::post("/v1/responses")
+        .header("host", p.host())
+        .header("content-type", "application/json")
+        .header("authorization", format!("Bearer {}", p.token))
+        .header("cookie", "session=1")
+        .header("proxy-authorization", "Basic eA==")
+        .header("x-forwarded-for", "10.0.0.1")
+        .header("forwarded", "for=10.0.0.1")
+        .header("connection", "keep-alive, x-hop")
+        .header("x-hop", "1")
+        .header("keep-alive", "timeout=5")
+        .header("te", "trailers")
+        .header("openai-beta", "responses=v1")
+        .header("accept", "application/json")
+        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .expect("req");
+    let (status, headers, resp_body) = exchange(p.port, req).await;
+    assert_eq!(status, 200);
+    assert_eq!(resp_body, br#"{"id":"resp_1"}"#);
+    assert_eq!(headers["x-request-id"], "req_abc");
+    assert!(headers.get("x-upstream-hop").is_none() && headers.get("keep-alive").is_none());
+    let reqs = up.requests();
+    assert_eq!(reqs.len(), 1);
+    let r = &reqs[0];
+    assert_eq!(r.method, "POST");
+    assert_eq!(r.target, "/v1/responses?api-version=2025-04-01-preview");
+    assert_eq!(r.all("authorization"), [format!("Bearer {KEY}")]);
+    assert_eq!(r.all("host"), [format!("127.0.0.1:{}", up.addr.port())]);
+    for gone in [
+        "x-proxy-token",
+        "cookie",
+        "proxy-authorization",
+        "x-forwarded-for",
+        "forwarded",
+        "x-hop",
+        "keep-alive",
+        "te",
+    ] {
+        assert!(r.all(gone).is_empty(), "{gone} reached the upstream");
+    }
+    assert_eq!(r.all("openai-beta"), ["responses=v1"]);
+    assert_eq!(r.all("content-type"), ["application/json"]);
+    assert_eq!(r.body, body.as_bytes());
+    let text = format!("{:?}{:?}", r.headers, String::from_utf8_lossy(&r.body));
+    assert!(!text.contains(&p.token), "token reached the upstream");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_upstream_with_generated_ca() {
+    let up = MockUpstream::tls(|_| Reply::json(200, "{}")).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let ca = write_file(dir.path(), "ca.pem", up.ca_pem.as_deref().expect("ca"));
+    let p = start_proxy(&[
+        "--upstream-url",
+        &up.url(),
+        "--upstream-ca",
+        ca.to_str().expect("utf8"),
+    ]);
+    let (status, _, body) = exchange(p.port, p.responses_request("{}")).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let reqs = up.requests();
+    assert_eq!(reqs.len(), 1);
+    assert_eq!(reqs[0].version, http::Version::HTTP_2, "ALPN negotiates h2");
+    assert_eq!(reqs[0].all("authorization"), [format!("Bearer {KEY}")]);
+    // Two requests share the pooled TLS connection.
+    let (status, _, _) = exchange(p.port, p.responses_request("{}")).await;
+    assert_eq!(status, 200);
+    assert_eq!(*up.state.connections.lock().expect("lock"), 1);
+
+    // Without the CA, the certificate is untrusted: 502, nothing forwarded, log says why.
+    let p2 = start_proxy(&["--upstream-url", &up.url()]);
+    let (status, _, body) = exchange(p2.port, p2.responses_request("{}")).await;
+    assert_eq!(status, 502);
+    assert_eq!(error_code(&body), "upstream_unavailable");
+    assert_eq!(up.count(), 2);
+    let log = poll_until(Duration::from_secs(5), "log line", || {
+        let t = p2.stderr_text();
+        t.contains("upstream request failed").then_some(t)
+    });
+    assert!(log.to_lowercase().contains("certificate"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_host_certificate_is_refused() {
+    let tls = TestTls::for_names(&["not-this-host.example"]);
+    let ca = tls.ca_pem.clone();
+    drop(tls);
+    // A mock whose certificate names another host, signed by a CA we trust.
+    let up = MockUpstream::tls(|_| Reply::json(200, "{}")).await;
+    let dir = tempfile::tempdir().expect("dir");
+    // Trust a CA that did not sign the mock's certificate: still untrusted.
+    let ca_path = write_file(dir.path(), "other-ca.pem", &ca);
+    let p = start_proxy(&[
+        "--upstream-url",
+        &up.url(),
+        "--upstream-ca",
+        ca_path.to_str().expect("utf8"),
+    ]);
+    let (status, _, _) = exchange(p.port, p.responses_request("{}")).await;
+    assert_eq!(status, 502);
+    assert_eq!(up.count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_events_are_not_batched() {
+    let hold = Arc::new(Notify::new());
+    let h = Arc::clone(&hold);
+    let up = MockUpstream::plain(move |_| {
+        Reply::sse(vec![
+            Step::Data(Bytes::from_static(
+                b"event: response.created\ndata: {\"n\":1}\n\n",
+            )),
+            Step::Wait(Arc::clone(&h)),
+            Step::Data(Bytes::from_static(
+                b"event: response.completed\ndata: {\"n\":2}\n\n",
+            )),
+        ])
+    })
+    .await;
+    let p = start_proxy(&["--upstream-url", &up.url()]);
+    let resp = send(p.port, p.responses_request(r#"{"stream":true}"#)).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let mut body = resp.into_body();
+    // The first event arrives while the upstream still holds the second.
+    let first = tokio::time::timeout(Duration::from_secs(5), body.frame())
+        .await
+        .expect("first event arrives while the second is held")
+        .expect("frame")
+        .expect("ok");
+    assert_eq!(
+        first.into_data().expect("data"),
+        Bytes::from_static(b"event: response.created\ndata: {\"n\":1}\n\n")
+    );
+    hold.notify_one();
+    let rest = tokio::time::timeout(Duration::from_secs(5), body.collect())
+        .await
+        .expect("rest")
+        .expect("ok")
+        .to_bytes();
+    assert_eq!(
+        rest,
+        Bytes::from_static(b"event: response.completed\ndata: {\"n\":2}\n\n")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_body_limit() {
+    let up = MockUpstream::plain(|_| Reply::json(200, "{}")).await;
+    let p = start_proxy(&["--upstream-url", &up.url(), "--max-request-body", "1KiB"]);
+    // Declared too large: refused before anything is sent.
+    let big = "x".repeat(1025);
+    let (status, _, body) = exchange(p.port, p.responses_request(&big)).await;
+    assert_eq!(status, 413);
+    assert_eq!(error_code(&body), "request_too_large");
+    // Exactly at the limit: forwarded.
+    let ok = "y".repeat(1024);
+    let (status, _, _) = exchange(p.port, p.responses_request(&ok)).await;
+    assert_eq!(status, 200);
+    assert_eq!(up.count(), 1);
+    // Chunked, no length: cut mid-stream, 413, and the upstream never gets a whole request.
+    let raw = format!(
+        "POST /v1/responses HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\nx-proxy-token: {}\r\ntransfer-encoding: chunked\r\n\r\n400\r\n{}\r\n400\r\n{}\r\n0\r\n\r\n",
+        p.host(),
+        p.token,
+        "a".repeat(1024),
+        "b".repeat(1024)
+    );
+    let out = raw_exchange(p.port, raw.as_bytes(), Duration::from_secs(5)).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert_eq!(
+        up.count(),
+        1,
+        "the oversized chunked body never completed upstream"
+    );
+    poll_until_async(Duration::from_secs(5), "aborted upstream body", || {
+        (*up.state.incomplete.lock().expect("lock") == 1).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_post_v1_responses_is_forwarded() {
+    let up = MockUpstream::plain(|_| Reply::json(200, "{}")).await;
+    let p = start_proxy(&["--upstream-url", &up.url()]);
+    for (method, target) in [
+        ("GET", "/v1/responses"),
+        ("POST", "/v1/responses?x=1"),
+        ("POST", "/v1/chat/completions"),
+        ("POST", "/v1/responses/"),
+        ("PUT", "/v1/responses"),
+        ("DELETE", "/v1/responses"),
+        ("OPTIONS", "/v1/responses"),
+        ("GET", "/shutdown"),
+        ("POST", "/"),
+    ] {
+        let req = Request::builder()
+            .method(method)
+            .uri(target)
+            .header("host", p.host())
+            .header("content-type", "application/json")
+            .header("x-proxy-token", &p.token)
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .expect("req");
+        let (status, headers, body) = exchange(p.port, req).await;
+        assert_eq!(status, 403, "{method} {target}");
+        assert_eq!(error_code(&body), "route_not_allowed");
+        assert!(
+            headers
+                .keys()
+                .all(|k| !k.as_str().starts_with("access-control"))
+        );
+    }
+    // An upgrade request is refused too.
+    let raw = format!(
+        "POST /v1/responses HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\nx-proxy-token: {}\r\nconnection: upgrade\r\nupgrade: websocket\r\ncontent-length: 2\r\n\r\n{{}}",
+        p.host(),
+        p.token
+    );
+    let out = raw_exchange(p.port, raw.as_bytes(), Duration::from_secs(2)).await;
+    assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 403"));
+    assert_eq!(up.count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_down_is_502() {
+    let port = closed_port();
+    let url = format!("http://127.0.0.1:{port}/v1/responses");
+    let p = start_proxy(&["--upstream-url", &url]);
+    let t0 = Instant::now();
+    let (status, headers, body) = exchange(p.port, p.responses_request("{}")).await;
+    assert_eq!(status, 502);
+    assert!(t0.elapsed() < Duration::from_secs(2), "fast");
+    assert_eq!(headers["content-type"], "application/json");
+    assert_eq!(error_code(&body), "upstream_unavailable");
+    let log = poll_until(Duration::from_secs(5), "log", || {
+        let t = p.stderr_text();
+        t.contains("upstream request failed").then_some(t)
+    });
+    assert!(log.to_lowercase().contains("refused"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_silent_is_504_after_idle_timeout() {
+    let up = MockUpstream::plain(|_| Reply {
+        hang: true,
+        ..Reply::json(200, "{}")
+    })
+    .await;
+    let p = start_proxy(&[
+        "--upstream-url",
+        &up.url(),
+        "--upstream-idle-timeout",
+        "300ms",
+    ]);
+    let t0 = Instant::now();
+    let (status, _, body) = exchange(p.port, p.responses_request("{}")).await;
+    assert_eq!(status, 504);
+    assert_eq!(error_code(&body), "upstream_timeout");
+    assert!(t0.elapsed() >= Duration::from_millis(300));
+    assert!(t0.elapsed() < Duration::from_secs(3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_handshake_that_never_finishes_is_a_connect_timeout() {
+    // Accepts TCP, never speaks TLS.
+    let (addr, _task) = raw_upstream(|s| async move {
+        let _hold = s;
+        std::future::pending::<()>().await;
+    })
+    .await;
+    let url = format!("https://127.0.0.1:{}/v1/responses", addr.port());
+    let p = start_proxy(&[
+        "--upstream-url",
+        &url,
+        "--upstream-connect-timeout",
+        "300ms",
+    ]);
+    let t0 = Instant::now();
+    let (status, _, body) = exchange(p.port, p.responses_request("{}")).await;
+    assert_eq!(status, 504);
+    assert_eq!(error_code(&body), "upstream_connect_timeout");
+    assert!(t0.elapsed() < Duration::from_secs(3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_upstream_answer_is_502() {
+    let (addr, _task) = raw_upstream(|mut s| async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = [0u8; 4096];
+        let _ = s.read(&mut buf).await;
+        let _ = s.write_all(b"this is not HTTP\r\n\r\n").await;
+    })
+    .await;
+    let url = format!("http://127.0.0.1:{}/v1/responses", addr.port());
+    let p = start_proxy(&["--upstream-url", &url]);
+    let (status, _, body) = exchange(p.port, p.responses_request("{}")).await;
+    assert_eq!(status, 502);
+    assert_eq!(error_code(&body), "upstream_unavailable");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_breaking_mid_stream_ends_the_client_stream_abnormally() {
+    for tls in [false, true] {
+        let script = |_: &Recorded| {
+            Reply::sse(vec![
+                Step::Data(Bytes::from_static(b"data: 1\n\n")),
+                Step::Sleep(Duration::from_millis(100)),
+                Step::Abort,
+            ])
+        };
+        let up = if tls {
+            MockUpstream::tls(script).await
+        } else {
+            MockUpstream::plain(script).await
+        };
+        let dir = tempfile::tempdir().expect("dir");
+        let mut args = vec!["--upstream-url".to_string(), up.url()];
+        if let Some(ca) = &up.ca_pem {
+            args.push("--upstream-ca".into());
+            args.push(
+                write_file(dir.path(), "ca.pem", ca)
+                    .to_string_lossy()
+                    .into_owned(),
+            );
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let p = start_proxy(&args);
+        let resp = send(p.port, p.responses_request("{}")).await;
+        assert_eq!(resp.status(), 200);
+        let mut body = resp.into_body();
+        let first = body
+            .frame()
+            .await
+            .expect("frame")
+            .expect("ok")
+            .into_data()
+            .expect("data");
+        assert_eq!(first, Bytes::from_static(b"data: 1\n\n"));
+        let result = tokio::time::timeout(Duration::from_secs(5), body.collect())
+            .await
+            .expect("in time");
+        assert!(
+            result.is_err(),
+            "a broken upstream stream must not look complete (tls={tls})"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_disconnect_cancels_the_upstream_request() {
+    // Mid-stream.
+    let hold = Arc::new(Notify::new());
+    let h = Arc::clone(&hold);
+    let up = MockUpstream::plain(move |_| {
+        Reply::sse(vec![
+            Step::Data(Bytes::from_static(b"data: 1\n\n")),
+            Step::Wait(Arc::clone(&h)),
+        ])
+    })
+    .await;
+    let p = start_proxy(&["--upstream-url", &up.url()]);
+    let resp = send(p.port, p.responses_request("{}")).await;
+    let mut body = resp.into_body();
+    let _ = body.frame().await;
+    let t0 = Instant::now();
+    drop(body);
+    poll_until_async(Duration::from_secs(1), "upstream cancellation", || {
+        (!up.state.cancelled.lock().expect("lock").is_empty()).then_some(())
+    })
+    .await;
+    assert!(t0.elapsed() < Duration::from_secs(1));
+
+    // Before the response head: the client gives up while the upstream is thinking.
+    let up2 = MockUpstream::plain(|_| Reply {
+        head_delay: Duration::from_secs(30),
+        ..Reply::json(200, "{}")
+    })
+    .await;
+    let p2 = start_proxy(&["--upstream-url", &up2.url()]);
+    let raw = format!(
+        "POST /v1/responses HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\nx-proxy-token: {}\r\ncontent-length: 2\r\n\r\n{{}}",
+        p2.host(),
+        p2.token
+    );
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", p2.port))
+            .await
+            .expect("connect");
+        s.write_all(raw.as_bytes()).await.expect("write");
+        poll_until_async(Duration::from_secs(5), "request upstream", || {
+            (up2.count() == 1).then_some(())
+        })
+        .await;
+    }
+    let t0 = Instant::now();
+    poll_until_async(Duration::from_secs(2), "upstream connection closed", || {
+        let closed = p2.stderr_text().contains("outcome=client_closed");
+        closed.then_some(())
+    })
+    .await;
+    assert!(
+        t0.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        t0.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_shutdown_stops_cleanly() {
+    let up = MockUpstream::plain(|_| Reply::json(200, "{}")).await;
+    let mut p = start_proxy(&["--upstream-url", &up.url(), "--http-shutdown"]);
+    let req = Request::get("/shutdown")
+        .header("host", p.host())
+        .header("x-proxy-token", &p.token)
+        .body(Full::new(Bytes::new()))
+        .expect("req");
+    let t0 = Instant::now();
+    let (status, _, _) = exchange(p.port, req).await;
+    assert_eq!(status, 200);
+    let st = p.wait_exit(Duration::from_secs(2));
+    assert!(
+        t0.elapsed() < Duration::from_secs(1),
+        "exit within a second, took {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(st.code(), Some(0));
+    assert!(!p.info_path.exists(), "server-info removed");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", p.port)).is_err(),
+        "no longer listening"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_requests_then_exits_zero() {
+    let up = MockUpstream::plain(|_| Reply {
+        head_delay: Duration::from_millis(500),
+        ..Reply::json(200, r#"{"late":true}"#)
+    })
+    .await;
+    let mut p = start_proxy(&["--upstream-url", &up.url()]);
+    let port = p.port;
+    let req = p.responses_request("{}");
+    let inflight = tokio::spawn(async move { exchange(port, req).await });
+    poll_until_async(Duration::from_secs(5), "request upstream", || {
+        (up.count() == 1).then_some(())
+    })
+    .await;
+    p.signal("TERM");
+    let (status, _, body) = inflight.await.expect("join");
+    assert_eq!(status, 200);
+    assert_eq!(body, br#"{"late":true}"#);
+    let st = p.wait_exit(Duration::from_secs(5));
+    assert_eq!(st.code(), Some(0));
+    assert!(!p.info_path.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_with_a_stuck_request_exits_after_the_grace_period() {
+    let up = MockUpstream::plain(|_| Reply {
+        hang: true,
+        ..Reply::json(200, "{}")
+    })
+    .await;
+    let mut p = start_proxy(&["--upstream-url", &up.url(), "--shutdown-grace", "300ms"]);
+    let port = p.port;
+    let req = p.responses_request("{}");
+    let _inflight = tokio::spawn(async move { send(port, req).await });
+    poll_until_async(Duration::from_secs(5), "request upstream", || {
+        (up.count() == 1).then_some(())
+    })
+    .await;
+    let t0 = Instant::now();
+    p.signal("INT");
+    let st = p.wait_exit(Duration::from_secs(5));
+    assert_eq!(st.code(), Some(0));
+    assert!(t0.elapsed() >= Duration::from_millis(300));
+    assert!(t0.elapsed() < Duration::from_secs(3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_info_content_and_mode() {
+    let up = MockUpstream::plain(|_| Reply::json(200, "{}")).await;
+    let p = start_proxy(&["--upstream-url", &up.url()]);
+    let text = std::fs::read_to_string(&p.info_path).expect("read");
+    assert!(text.ends_with('\n') && text.lines().count() == 1);
+    let v: serde_json::Value = serde_json::from_str(&text).expect("json");
+    assert_eq!(v["port"], p.port);
+    assert_eq!(v["pid"], p.child.id());
+    assert_eq!(v["auth_token"].as_str().expect("token").len(), 43);
+    let mode = std::fs::metadata(&p.info_path)
+        .expect("meta")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    assert!(
+        !p.stderr_text().contains(&p.token),
+        "token not printed when --server-info is given"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dump_files_are_private_and_redacted() {
+    let up = MockUpstream::plain(|_| {
+        Reply::sse(vec![Step::Data(Bytes::from_static(
+            b"data: {\"ok\":1}\n\n",
+        ))])
+        .header("set-cookie", "__cf_bm=secretcookie")
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("dir");
+    let dumps = dir.path().join("dumps");
+    let p = start_proxy(&[
+        "--upstream-url",
+        &up.url(),
+        "--dump-dir",
+        dumps.to_str().expect("utf8"),
+    ]);
+    let req = Request::post("/v1/responses")
+        .header("host", p.host())
+        .header("content-type", "application/json")
+        .header("authorization", format!("Bearer {}", p.token))
+        .header("api-key", "azure-secret")
+        .header("cookie", "a=b")
+        .body(Full::new(Bytes::from_static(
+            br#"{"model":"m","stream":true}"#,
+        )))
+        .expect("req");
+    let (status, _, _) = exchange(p.port, req).await;
+    assert_eq!(status, 200);
+    let files = poll_until(Duration::from_secs(5), "two dump files", || {
+        let mut v: Vec<_> = std::fs::read_dir(&dumps)
+            .ok()?
+            .map(|e| e.expect("entry").path())
+            .collect();
+        v.sort();
+        (v.len() == 2).then_some(v)
+    });
+    assert_eq!(
+        std::fs::metadata(&dumps)
+            .expect("meta")
+            .permissions()
+            .mode()
+            & 0o777,
+        0o700
+    );
+    let names: Vec<String> = files
+        .iter()
+        .map(|f| f.file_name().expect("n").to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        names[0].starts_with("000001-") && names[0].ends_with("-request.json"),
+        "{names:?}"
+    );
+    assert!(
+        names[1].starts_with("000001-") && names[1].ends_with("-response.json"),
+        "{names:?}"
+    );
+    for f in &files {
+        assert_eq!(
+            std::fs::metadata(f).expect("meta").permissions().mode() & 0o777,
+            0o600
+        );
+        // Wait for the response dump to be complete JSON (it is written when the stream ends).
+        let text = poll_until(Duration::from_secs(5), "dump JSON", || {
+            let t = std::fs::read_to_string(f).ok()?;
+            serde_json::from_str::<serde_json::Value>(&t)
+                .ok()
+                .map(|_| t)
+        });
+        for secret in [p.token.as_str(), KEY, "azure-secret", "secretcookie", "a=b"] {
+            assert!(!text.contains(secret), "{secret} in {}", f.display());
+        }
+    }
+    let req: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&files[0]).expect("r")).expect("j");
+    assert_eq!(req["method"], "POST");
+    assert_eq!(req["url"], "/v1/responses");
+    assert_eq!(
+        req["body"],
+        serde_json::json!({"model": "m", "stream": true})
+    );
+    let redacted: Vec<_> = req["headers"]
+        .as_array()
+        .expect("arr")
+        .iter()
+        .filter(|h| h["value"] == "[REDACTED]")
+        .map(|h| h["name"].as_str().expect("s").to_string())
+        .collect();
+    assert_eq!(redacted, ["authorization", "api-key", "cookie"]);
+    let resp: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&files[1]).expect("r")).expect("j");
+    assert_eq!(resp["status"], 200);
+    assert_eq!(resp["body"], "data: {\"ok\":1}\n\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unwritable_dump_dir_never_affects_proxying() {
+    let up = MockUpstream::plain(|_| Reply::json(200, "{}")).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let dumps = dir.path().join("dumps");
+    let p = start_proxy(&[
+        "--upstream-url",
+        &up.url(),
+        "--dump-dir",
+        dumps.to_str().expect("utf8"),
+        "--log-level",
+        "warn",
+    ]);
+    // Make the directory unusable after start-up: replace it with a file.
+    std::fs::remove_dir(&dumps).expect("rmdir");
+    std::fs::write(&dumps, "not a dir").expect("file");
+    for _ in 0..3 {
+        let (status, _, body) = exchange(p.port, p.responses_request("{}")).await;
+        assert_eq!(status, 200);
+        assert_eq!(body, b"{}");
+    }
+    let log = poll_until(Duration::from_secs(5), "dump failure log", || {
+        let t = p.stderr_text();
+        t.contains("writing a dump file failed").then_some(t)
+    });
+    assert_eq!(
+        log.matches("writing a dump file failed").count(),
+        1,
+        "reported once: {log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_lines_in_json() {
+    let up = MockUpstream::plain(|_| Reply::json(200, "{}").header("x-request-id", "req_42")).await;
+    let p = start_proxy(&["--upstream-url", &up.url(), "--log-format", "json"]);
+    let (status, _, _) = exchange(p.port, p.responses_request("{}")).await;
+    assert_eq!(status, 200);
+    let line = poll_until(Duration::from_secs(5), "access line", || {
+        p.stderr_text()
+            .lines()
+            .find(|l| l.contains("\"access\""))
+            .map(str::to_string)
+    });
+    let v: serde_json::Value = serde_json::from_str(&line).expect("json line");
+    assert_eq!(v["method"], "POST");
+    assert_eq!(v["path"], "/v1/responses");
+    assert_eq!(v["status"], 200);
+    assert_eq!(v["bytes_in"], 2);
+    assert_eq!(v["bytes_out"], 2);
+    assert_eq!(v["upstream_request_id"], "req_42");
+    assert_eq!(v["outcome"], "ok");
+    assert!(v["duration_ms"].is_number() && v["ttfb_ms"].is_number() && v["time"].is_string());
+}
