@@ -22,6 +22,7 @@ use tokio::time::Sleep;
 
 use crate::dump::{RequestDump, ResponseDump};
 use crate::log::{AccessRecord, Logger};
+use crate::mask::StreamMask;
 
 /// Errors surfaced to hyper (which then aborts the affected connection or request).
 pub type BoxError = Box<dyn StdError + Send + Sync>;
@@ -238,12 +239,15 @@ pub struct ResponseStream {
     dump: Option<ResponseDump>,
     /// Whether `sleep` runs from the last frame (armed lazily on the first `Pending`).
     armed: bool,
+    /// Overwrites a reflected key.
+    mask: StreamMask,
 }
 
 impl ResponseStream {
     /// Wraps `inner`; `record` is completed and logged when the stream is dropped.
     pub fn new(
         inner: Incoming,
+        mask: StreamMask,
         idle: Duration,
         start: Instant,
         record: AccessRecord,
@@ -260,7 +264,16 @@ impl ResponseStream {
             logger,
             dump,
             armed: false,
+            mask,
         }
+    }
+
+    fn emit(&mut self, data: Bytes) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.record.bytes_out += data.len() as u64;
+        if let Some(d) = &mut self.dump {
+            d.push(&data);
+        }
+        Poll::Ready(Some(Ok(Frame::data(data))))
     }
 }
 
@@ -300,37 +313,55 @@ impl Body for ResponseStream {
         if this.end != StreamEnd::Open {
             return Poll::Ready(None);
         }
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    this.record.bytes_out += data.len() as u64;
-                    if let Some(d) = &mut this.dump {
-                        d.push(data);
+        loop {
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    this.armed = false;
+                    let frame = match frame.into_data() {
+                        Ok(data) => {
+                            let data = this.mask.push(data);
+                            if data.is_empty() {
+                                // Everything was held back as a possible key prefix.
+                                continue;
+                            }
+                            return this.emit(data);
+                        }
+                        Err(frame) => frame,
+                    };
+                    let frame = match frame.into_trailers() {
+                        Ok(mut trailers) => {
+                            crate::mask::mask_headers(&mut trailers, this.mask.key());
+                            Frame::trailers(trailers)
+                        }
+                        Err(other) => other,
+                    };
+                    return Poll::Ready(Some(Ok(frame)));
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    this.end = StreamEnd::UpstreamBroke;
+                    return Poll::Ready(Some(Err(Box::new(e))));
+                }
+                Poll::Ready(None) => {
+                    if let Some(rest) = this.mask.finish() {
+                        // Released now; the next poll sees the end again.
+                        return this.emit(rest);
                     }
+                    this.end = StreamEnd::Complete;
+                    return Poll::Ready(None);
                 }
-                this.armed = false;
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(Some(Err(e))) => {
-                this.end = StreamEnd::UpstreamBroke;
-                Poll::Ready(Some(Err(Box::new(e))))
-            }
-            Poll::Ready(None) => {
-                this.end = StreamEnd::Complete;
-                Poll::Ready(None)
-            }
-            Poll::Pending => {
-                if !this.armed {
-                    this.armed = true;
-                    this.sleep
-                        .as_mut()
-                        .reset(tokio::time::Instant::now() + this.idle);
+                Poll::Pending => {
+                    if !this.armed {
+                        this.armed = true;
+                        this.sleep
+                            .as_mut()
+                            .reset(tokio::time::Instant::now() + this.idle);
+                    }
+                    ready!(this.sleep.as_mut().poll(cx));
+                    this.end = StreamEnd::UpstreamIdle;
+                    return Poll::Ready(Some(Err(Box::new(Fault(
+                        "the upstream sent nothing for too long",
+                    )))));
                 }
-                ready!(this.sleep.as_mut().poll(cx));
-                this.end = StreamEnd::UpstreamIdle;
-                Poll::Ready(Some(Err(Box::new(Fault(
-                    "the upstream sent nothing for too long",
-                )))))
             }
         }
     }

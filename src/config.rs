@@ -72,6 +72,11 @@ pub struct Args {
     #[arg(long, value_name = "DURATION", default_value = "15m", value_parser = parse_duration)]
     pub upstream_idle_timeout: Duration,
 
+    /// How long an idle pooled upstream connection is kept open. Its HTTP/TLS buffers may
+    /// still hold the last request head (and so the key) until it closes.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub upstream_pool_idle_timeout: Duration,
+
     /// Time a client has to send a request head; also how long an idle keep-alive
     /// connection is kept open.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
@@ -154,6 +159,8 @@ pub struct Config {
     pub upstream_connect_timeout: Duration,
     /// Upstream idle timeout.
     pub upstream_idle_timeout: Duration,
+    /// Idle pooled upstream connections are closed after this.
+    pub upstream_pool_idle_timeout: Duration,
     /// Client header read (and keep-alive idle) timeout.
     pub header_read_timeout: Duration,
     /// Client body idle timeout.
@@ -311,6 +318,10 @@ impl Config {
                 "--upstream-connect-timeout",
             )?,
             upstream_idle_timeout: nonzero(args.upstream_idle_timeout, "--upstream-idle-timeout")?,
+            upstream_pool_idle_timeout: nonzero(
+                args.upstream_pool_idle_timeout,
+                "--upstream-pool-idle-timeout",
+            )?,
             header_read_timeout: nonzero(args.header_read_timeout, "--header-read-timeout")?,
             body_read_timeout: nonzero(args.body_read_timeout, "--body-read-timeout")?,
             shutdown_grace: args.shutdown_grace,

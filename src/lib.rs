@@ -16,6 +16,7 @@
 //! | [`token`] | the per-launch client token |
 //! | [`gate`] | pure: request head → allow or refusal |
 //! | [`headers`] | pure: header rewriting both ways |
+//! | [`mask`] | pure: overwriting a reflected key in headers and streams |
 //! | [`upstream`] | TLS client, pool, connect timeout |
 //! | [`body`] | the streaming request and response bodies, their limits and timers |
 //! | [`proxy`] | one request: gate → forward → stream back |
@@ -31,6 +32,7 @@ pub mod gate;
 pub mod hardening;
 pub mod headers;
 pub mod log;
+pub mod mask;
 pub mod proxy;
 pub mod secret;
 pub mod server;
@@ -125,6 +127,7 @@ pub fn prepare(config: Config, key: ApiKey) -> Result<Prepared, RunError> {
         &config.upstream,
         config.upstream_ca.as_deref(),
         config.upstream_connect_timeout,
+        config.upstream_pool_idle_timeout,
     )
     .map_err(|e| RunError::Usage(e.to_string()))?;
     let dumper = match &config.dump_dir {

@@ -8,6 +8,10 @@ use responses_api_proxy::config::{Args, Config};
 use responses_api_proxy::secret::ApiKey;
 use responses_api_proxy::{RunError, hardening, sys};
 
+/// Every freed block is zeroed first, so freed HTTP/TLS buffers keep no copy of the key.
+#[global_allocator]
+static ALLOCATOR: sys::ZeroingAlloc = sys::ZeroingAlloc;
+
 fn main() -> ExitCode {
     match run() {
         Ok(()) => ExitCode::SUCCESS,

@@ -19,6 +19,7 @@ use crate::dump::{Dumper, ResponseSlot};
 use crate::gate::{self, GatePolicy, Route};
 use crate::headers;
 use crate::log::{AccessRecord, Logger, sanitize_request_id};
+use crate::mask::{self, StreamMask};
 use crate::secret::ApiKey;
 use crate::token::ProxyToken;
 use crate::upstream::{self, Upstream, UpstreamFailure};
@@ -213,15 +214,18 @@ impl Proxy {
         let (mut rparts, rbody) = resp.into_parts();
         record.ttfb = Some(start.elapsed());
         record.status = rparts.status.as_u16();
+        rparts.headers = headers::to_client(rparts.headers);
+        mask::mask_headers(&mut rparts.headers, self.key.expose_bytes());
+        // Read after masking, so a reflected key can never reach the log through it.
         record.upstream_request_id = rparts
             .headers
             .get("x-request-id")
             .and_then(|v| sanitize_request_id(v.as_bytes()));
-        rparts.headers = headers::to_client(rparts.headers);
         rparts.version = Version::HTTP_11;
         let dump = slot.map(|s| s.open(rparts.status, &rparts.headers));
         let stream = ResponseStream::new(
             rbody,
+            StreamMask::new(self.key.expose_bytes()),
             self.upstream_idle_timeout,
             start,
             record,

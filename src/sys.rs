@@ -264,9 +264,99 @@ pub fn remove_env_var(name: &OsStr) {
     unsafe { std::env::remove_var(name) }
 }
 
+/// Writes zeros over `len` bytes at `ptr` in a way the optimiser may not remove, even when
+/// the memory is freed right after.
+///
+/// # Safety
+/// `ptr` must be valid for writes of `len` bytes.
+unsafe fn wipe(ptr: *mut u8, len: usize) {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: the caller guarantees `ptr..ptr+len` is writable; explicit_bzero is memset
+    // with a barrier the compiler cannot see through.
+    unsafe {
+        libc::explicit_bzero(ptr.cast(), len);
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    // SAFETY: as above; the fence and black_box keep the stores alive.
+    unsafe {
+        std::ptr::write_bytes(ptr, 0, len);
+        std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
+        std::hint::black_box(ptr);
+    }
+}
+
+/// The global allocator of the binary: the system allocator, except that every block is
+/// zeroed before it is given back, so freed HTTP and TLS buffers cannot leave a copy of the
+/// key (or of anything else) behind in free heap memory. `realloc` allocates, copies and
+/// frees, so a block that moves is wiped too.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ZeroingAlloc;
+
+// SAFETY: every method delegates the actual allocation to `System`, which upholds the
+// `GlobalAlloc` contract; the only addition is wiping a block the caller is giving up, which
+// is valid for `layout.size()` bytes by the contract of `dealloc`/`realloc`.
+unsafe impl std::alloc::GlobalAlloc for ZeroingAlloc {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        // SAFETY: same contract as ours.
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        // SAFETY: same contract as ours.
+        unsafe { std::alloc::System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: `ptr` is a live block of `layout.size()` bytes that the caller gives up.
+        unsafe {
+            wipe(ptr, layout.size());
+            std::alloc::System.dealloc(ptr, layout);
+        }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: the caller guarantees `new_size` rounded to `layout.align()` does not
+        // overflow and is non-zero, so this layout is valid.
+        let new_layout =
+            unsafe { std::alloc::Layout::from_size_align_unchecked(new_size, layout.align()) };
+        // SAFETY: a fresh allocation; on success both blocks are valid for the copied
+        // length, they do not overlap, and the old block is then wiped and freed exactly
+        // once, as `realloc` may do.
+        unsafe {
+            let new = std::alloc::System.alloc(new_layout);
+            if !new.is_null() {
+                std::ptr::copy_nonoverlapping(ptr, new, layout.size().min(new_size));
+                self.dealloc(ptr, layout);
+            }
+            new
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zeroing_allocator_round_trips() {
+        use std::alloc::{GlobalAlloc, Layout};
+        let a = ZeroingAlloc;
+        let layout = Layout::from_size_align(64, 8).expect("layout");
+        // SAFETY: test of the allocator contract: a valid layout, the block used within its
+        // size, grown with realloc and freed once with the layout it has.
+        unsafe {
+            let p = a.alloc(layout);
+            assert!(!p.is_null());
+            std::ptr::write_bytes(p, 0xAB, 64);
+            let q = a.realloc(p, layout, 128);
+            assert!(!q.is_null());
+            assert!((0..64).all(|i| *q.add(i) == 0xAB));
+            a.dealloc(q, Layout::from_size_align(128, 8).expect("layout"));
+            let z = a.alloc_zeroed(layout);
+            assert!((0..64).all(|i| *z.add(i) == 0));
+            a.dealloc(z, layout);
+        }
+    }
 
     #[test]
     fn mapped_pages_are_page_aligned_zeroed_and_lockable() {

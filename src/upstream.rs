@@ -26,9 +26,6 @@ use rustls_pki_types::pem::PemObject;
 use crate::body::UpstreamRequestBody;
 use crate::config::UpstreamTarget;
 
-/// How long an idle pooled upstream connection is kept.
-pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// Why the upstream client could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamSetupError {
@@ -144,6 +141,7 @@ impl Upstream {
         target: &UpstreamTarget,
         ca: Option<&Path>,
         connect_timeout: Duration,
+        pool_idle_timeout: Duration,
     ) -> Result<Self, UpstreamSetupError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let tls = rustls::ClientConfig::builder_with_provider(provider)
@@ -170,7 +168,7 @@ impl Upstream {
         let client = Client::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_idle_timeout(pool_idle_timeout)
             .build(connector);
         Ok(Self {
             client,

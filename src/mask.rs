@@ -1,0 +1,201 @@
+//! Pure: overwriting the key with a same-length marker wherever an upstream reflects it, in
+//! response headers and in the streamed body, including a key split across chunks.
+//!
+//! The body masker never batches: a chunk is passed on at once and untouched (zero-copy)
+//! unless it contains the key or ends with a proper prefix of it. Only those trailing bytes
+//! (fewer than the key's length) are held until the next chunk shows whether the key
+//! continues; at the end of the stream they are released as they are.
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, HeaderValue};
+
+/// The byte a reflected key is overwritten with.
+pub const MARK: u8 = b'*';
+
+/// Start of every occurrence of `key` in `hay`, non-overlapping, left to right.
+fn occurrences(hay: &[u8], key: &[u8]) -> Vec<usize> {
+    let mut found = Vec::new();
+    if key.is_empty() || hay.len() < key.len() {
+        return found;
+    }
+    let mut i = 0;
+    while i + key.len() <= hay.len() {
+        match hay[i..=hay.len() - key.len()]
+            .iter()
+            .position(|&b| b == key[0])
+        {
+            None => break,
+            Some(off) => {
+                let at = i + off;
+                if &hay[at..at + key.len()] == key {
+                    found.push(at);
+                    i = at + key.len();
+                } else {
+                    i = at + 1;
+                }
+            }
+        }
+    }
+    found
+}
+
+/// Length of the longest suffix of `hay` that is a proper prefix of `key`.
+fn held_suffix(hay: &[u8], key: &[u8]) -> usize {
+    let max = key.len().saturating_sub(1).min(hay.len());
+    let tail_start = hay.len() - max;
+    for p in tail_start..hay.len() {
+        if hay[p] == key[0] && hay[p..] == key[..hay.len() - p] {
+            return hay.len() - p;
+        }
+    }
+    0
+}
+
+fn overwrite(buf: &mut [u8], at: &[usize], len: usize) {
+    for &i in at {
+        buf[i..i + len].fill(MARK);
+    }
+}
+
+/// Whether `hay` contains `key`.
+pub fn contains(hay: &[u8], key: &[u8]) -> bool {
+    !occurrences(hay, key).is_empty()
+}
+
+/// Masks the key in every header value (values that do not contain it are left as they are).
+pub fn mask_headers(headers: &mut HeaderMap, key: &[u8]) {
+    for value in headers.values_mut() {
+        let at = occurrences(value.as_bytes(), key);
+        if at.is_empty() {
+            continue;
+        }
+        let mut bytes = value.as_bytes().to_vec();
+        overwrite(&mut bytes, &at, key.len());
+        // Replacing visible ASCII with '*' keeps the value valid.
+        if let Ok(v) = HeaderValue::from_bytes(&bytes) {
+            *value = v;
+        }
+        zeroize::Zeroize::zeroize(&mut bytes);
+    }
+}
+
+/// Masks the key in a stream of body chunks.
+#[derive(Debug)]
+pub struct StreamMask {
+    key: &'static [u8],
+    /// Trailing bytes of the stream so far that could be the start of the key.
+    held: BytesMut,
+}
+
+impl StreamMask {
+    /// A masker for `key` (must not be empty).
+    pub fn new(key: &'static [u8]) -> Self {
+        Self {
+            key,
+            held: BytesMut::new(),
+        }
+    }
+
+    /// The key being masked.
+    pub fn key(&self) -> &'static [u8] {
+        self.key
+    }
+
+    /// Takes the next chunk; returns what can be sent now (possibly empty).
+    pub fn push(&mut self, chunk: Bytes) -> Bytes {
+        let key = self.key;
+        if self.held.is_empty() {
+            let at = occurrences(&chunk, key);
+            if at.is_empty() && held_suffix(&chunk, key) == 0 {
+                return chunk;
+            }
+            let mut buf = BytesMut::from(&chunk[..]);
+            overwrite(&mut buf, &at, key.len());
+            let hold = held_suffix(&buf, key);
+            self.held = buf.split_off(buf.len() - hold);
+            return buf.freeze();
+        }
+        let mut buf = std::mem::take(&mut self.held);
+        buf.extend_from_slice(&chunk);
+        let at = occurrences(&buf, key);
+        overwrite(&mut buf, &at, key.len());
+        let hold = held_suffix(&buf, key);
+        self.held = buf.split_off(buf.len() - hold);
+        buf.freeze()
+    }
+
+    /// At the end of the stream: the held bytes (not a whole key, so sent as they are).
+    pub fn finish(&mut self) -> Option<Bytes> {
+        (!self.held.is_empty()).then(|| std::mem::take(&mut self.held).freeze())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &[u8] = b"sk-test-abcdef";
+
+    fn run(chunks: &[&[u8]]) -> (Vec<u8>, Vec<usize>) {
+        let mut m = StreamMask::new(KEY);
+        let mut out = Vec::new();
+        let mut sizes = Vec::new();
+        for c in chunks {
+            let b = m.push(Bytes::copy_from_slice(c));
+            sizes.push(b.len());
+            out.extend_from_slice(&b);
+        }
+        if let Some(b) = m.finish() {
+            out.extend_from_slice(&b);
+        }
+        (out, sizes)
+    }
+
+    #[test]
+    fn masks_whole_and_split_keys_and_keeps_lengths() {
+        let star = "*".repeat(KEY.len());
+        let cases: &[(&[&[u8]], String)] = &[
+            (&[b"data: hello\n\n"], "data: hello\n\n".into()),
+            (&[b"key=sk-test-abcdef!"], format!("key={star}!")),
+            (&[b"sk-test-abcdefsk-test-abcdef"], format!("{star}{star}")),
+            (&[b"x sk-test-", b"abcdef y"], format!("x {star} y")),
+            (&[b"s", b"k", b"-test-abc", b"def"], star.clone()),
+            (&[b"sk-test-abc", b"XYZ"], "sk-test-abcXYZ".into()),
+            (&[b"ends with sk-te"], "ends with sk-te".into()),
+            (&[b"sk-sk-test-abcdef"], format!("sk-{star}")),
+            (&[b"sssk-test-abcdef"], format!("ss{star}")),
+            (&[b""], String::new()),
+        ];
+        for (chunks, want) in cases {
+            let (out, _) = run(chunks);
+            assert_eq!(String::from_utf8_lossy(&out), *want, "{chunks:?}");
+        }
+    }
+
+    #[test]
+    fn passes_chunks_through_without_holding_unless_needed() {
+        let (_, sizes) = run(&[b"event: a\n\n", b"event: b\n\n"]);
+        assert_eq!(sizes, [10, 10]);
+        // Only the possible key prefix is held back.
+        let (_, sizes) = run(&[b"abc sk-t", b"ail"]);
+        assert_eq!(sizes, [4, 7]);
+    }
+
+    #[test]
+    fn untouched_chunks_are_not_copied() {
+        let mut m = StreamMask::new(KEY);
+        let chunk = Bytes::from_static(b"no key here\n\n");
+        let out = m.push(chunk.clone());
+        assert_eq!(out.as_ptr(), chunk.as_ptr());
+    }
+
+    #[test]
+    fn masks_header_values() {
+        let mut h = HeaderMap::new();
+        h.insert("x-echo", HeaderValue::from_static("Bearer sk-test-abcdef"));
+        h.insert("x-other", HeaderValue::from_static("fine"));
+        mask_headers(&mut h, KEY);
+        assert_eq!(h["x-echo"], format!("Bearer {}", "*".repeat(KEY.len())));
+        assert_eq!(h["x-other"], "fine");
+    }
+}
