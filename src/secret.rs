@@ -326,6 +326,24 @@ mod tests {
         assert!(msg.contains("byte 16"), "{msg}");
     }
 
+    /// Compiles only while `ApiKey` implements none of `Clone`, `Display`, `Serialize`:
+    /// with one of them, the `_` below would have two candidate impls and be ambiguous.
+    #[test]
+    fn key_type_cannot_be_cloned_displayed_or_serialized() {
+        trait AmbiguousIfImpl<A> {
+            fn check() {}
+        }
+        impl<T: ?Sized> AmbiguousIfImpl<()> for T {}
+        struct ViaClone;
+        struct ViaDisplay;
+        struct ViaSerialize;
+        impl<T: ?Sized + Clone> AmbiguousIfImpl<ViaClone> for T {}
+        impl<T: ?Sized + fmt::Display> AmbiguousIfImpl<ViaDisplay> for T {}
+        impl<T: ?Sized + serde::Serialize> AmbiguousIfImpl<ViaSerialize> for T {}
+        <ApiKey as AmbiguousIfImpl<_>>::check();
+        <crate::token::ProxyToken as AmbiguousIfImpl<_>>::check();
+    }
+
     #[test]
     fn header_is_sensitive_and_debug_is_redacted() {
         let key = ApiKey::for_tests("Bearer sk-test-123");

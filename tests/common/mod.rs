@@ -558,6 +558,14 @@ pub fn run_to_exit(args: &[&str], stdin: &[u8]) -> (Option<i32>, String) {
 
 /// Sends one request on a fresh connection; returns the response head and streaming body.
 pub async fn send(port: u16, req: Request<Full<Bytes>>) -> Response<hyper::body::Incoming> {
+    try_send(port, req).await.expect("send")
+}
+
+/// Like [`send`], but a connection the proxy closes without an answer is an `Err`.
+pub async fn try_send(
+    port: u16,
+    req: Request<Full<Bytes>>,
+) -> Result<Response<hyper::body::Incoming>, hyper::Error> {
     let stream = TcpStream::connect(("127.0.0.1", port))
         .await
         .expect("connect proxy");
@@ -566,7 +574,7 @@ pub async fn send(port: u16, req: Request<Full<Bytes>>) -> Response<hyper::body:
             .await
             .expect("handshake");
     tokio::spawn(conn);
-    sender.send_request(req).await.expect("send")
+    sender.send_request(req).await
 }
 
 /// Sends and collects; returns status, headers and body.
@@ -618,3 +626,4 @@ pub fn write_file(dir: &Path, name: &str, contents: &str) -> PathBuf {
 
 /// A queue of steps handed out one per request (for scripting several requests).
 pub struct Queue<T>(pub Mutex<VecDeque<T>>);
+pub mod memscan;
