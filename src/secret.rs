@@ -337,7 +337,7 @@ mod tests {
         struct ViaClone;
         struct ViaDisplay;
         struct ViaSerialize;
-        impl<T: ?Sized + Clone> AmbiguousIfImpl<ViaClone> for T {}
+        impl<T: Clone> AmbiguousIfImpl<ViaClone> for T {}
         impl<T: ?Sized + fmt::Display> AmbiguousIfImpl<ViaDisplay> for T {}
         impl<T: ?Sized + serde::Serialize> AmbiguousIfImpl<ViaSerialize> for T {}
         <ApiKey as AmbiguousIfImpl<_>>::check();

@@ -170,14 +170,14 @@ pub async fn hpack_huffman_of(value: &str) -> Vec<u8> {
             let n = server_io.read(&mut buf).await.expect("read");
             assert!(n > 0, "h2 client closed");
             wire.extend_from_slice(&buf[..n]);
-            if let Some(p) = wire.windows(2).position(|w| w == [0x1f, 0x08]) {
-                if let Some(&len_byte) = wire.get(p + 2) {
-                    assert!(len_byte & 0x80 != 0, "value not Huffman-coded");
-                    let len = (len_byte & 0x7f) as usize;
-                    assert!(len < 127, "test keys are short");
-                    if wire.len() >= p + 3 + len {
-                        return wire[p + 3..p + 3 + len].to_vec();
-                    }
+            if let Some(p) = wire.windows(2).position(|w| w == [0x1f, 0x08])
+                && let Some(&len_byte) = wire.get(p + 2)
+            {
+                assert!(len_byte & 0x80 != 0, "value not Huffman-coded");
+                let len = (len_byte & 0x7f) as usize;
+                assert!(len < 127, "test keys are short");
+                if wire.len() >= p + 3 + len {
+                    return wire[p + 3..p + 3 + len].to_vec();
                 }
             }
         }
