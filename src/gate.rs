@@ -24,6 +24,11 @@ pub const RESPONSES_PATH: &str = "/v1/responses";
 /// The path that stops the proxy when `--http-shutdown` is on.
 pub const SHUTDOWN_PATH: &str = "/shutdown";
 
+/// Request extension set by the server when the raw bytes of this request's head had an
+/// ambiguous framing shape that the HTTP parser normalised (bare LF, CL with TE).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AmbiguousFraming;
+
 /// What the gate needs to know about this launch.
 #[derive(Debug, Clone, Copy)]
 pub struct GatePolicy<'a> {
@@ -48,6 +53,10 @@ pub enum Route {
 /// echo nothing the caller sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
+    /// Before the gate: a head whose body framing is ambiguous (`Content-Length` with
+    /// `Transfer-Encoding`, a `Transfer-Encoding` other than `chunked`, repeated lengths),
+    /// the shapes request smuggling is made of.
+    AmbiguousFraming,
     /// Step 1: the request came from a web browser (`Origin` or `Sec-Fetch-Site`).
     BrowserRequest,
     /// Step 2: `Host` missing, repeated, or not a loopback name with our port.
@@ -69,6 +78,7 @@ impl Refusal {
     /// The HTTP status of this refusal.
     pub fn status(self) -> StatusCode {
         match self {
+            Self::AmbiguousFraming => StatusCode::BAD_REQUEST,
             Self::BrowserRequest | Self::BadHost | Self::NotAllowed => StatusCode::FORBIDDEN,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::MissingToken | Self::MalformedToken | Self::WrongToken => {
@@ -80,6 +90,7 @@ impl Refusal {
     /// The machine-readable `error.code`.
     pub fn code(self) -> &'static str {
         match self {
+            Self::AmbiguousFraming => "ambiguous_request_framing",
             Self::BrowserRequest => "browser_request_refused",
             Self::BadHost => "invalid_host",
             Self::UnsupportedMediaType => "unsupported_media_type",
@@ -95,13 +106,17 @@ impl Refusal {
         match self {
             Self::MissingToken | Self::MalformedToken | Self::WrongToken => "authentication_error",
             Self::BrowserRequest | Self::BadHost | Self::NotAllowed => "permission_error",
-            Self::UnsupportedMediaType => "invalid_request_error",
+            Self::UnsupportedMediaType | Self::AmbiguousFraming => "invalid_request_error",
         }
     }
 
     /// The human-readable `error.message`: what is wrong and how to fix it.
     pub fn message(self) -> &'static str {
         match self {
+            Self::AmbiguousFraming => {
+                "the request's body framing is ambiguous: send either one Content-Length or \
+                 Transfer-Encoding: chunked, not both"
+            }
             Self::BrowserRequest => {
                 "requests from web browsers are refused: this proxy serves only local \
                  command-line clients and SDKs, which send no Origin or Sec-Fetch-Site header"
@@ -150,6 +165,21 @@ pub fn check(
     headers: &HeaderMap,
     policy: &GatePolicy<'_>,
 ) -> Result<Route, Refusal> {
+    check_head(method, uri, headers, false, policy)
+}
+
+/// [`check`], told whether the raw head had an ambiguous framing shape.
+pub fn check_head(
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    raw_ambiguous: bool,
+    policy: &GatePolicy<'_>,
+) -> Result<Route, Refusal> {
+    // 0. Framing that two HTTP parsers could read differently is never passed on.
+    if raw_ambiguous || !framing_is_unambiguous(headers) {
+        return Err(Refusal::AmbiguousFraming);
+    }
     // 1. Browsers: any Origin (any value, even "null"), or any Fetch Metadata.
     if headers.contains_key(ORIGIN) || headers.contains_key(SEC_FETCH_SITE) {
         return Err(Refusal::BrowserRequest);
@@ -167,6 +197,19 @@ pub fn check(
     check_token(headers, policy.token)?;
     // 5. Method and path.
     route(method, uri, headers, policy.http_shutdown).ok_or(Refusal::NotAllowed)
+}
+
+/// At most one `Content-Length`, or exactly `Transfer-Encoding: chunked` alone, or neither.
+pub fn framing_is_unambiguous(headers: &HeaderMap) -> bool {
+    let lengths = headers.get_all(CONTENT_LENGTH).iter().count();
+    let mut te = headers.get_all(TRANSFER_ENCODING).iter();
+    match (te.next(), te.next()) {
+        (None, _) => lengths <= 1,
+        (Some(v), None) => {
+            lengths == 0 && v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked")
+        }
+        _ => false,
+    }
 }
 
 fn host_is_ours(headers: &HeaderMap, port: u16) -> bool {
@@ -426,6 +469,43 @@ mod tests {
                 headers: shutdown_headers(),
                 shutdown: true,
                 want: Ok(Route::Shutdown),
+            },
+            // 0. Ambiguous framing, before anything else.
+            Case {
+                method: "POST",
+                target: "/v1/responses",
+                headers: with(good(), "transfer-encoding", "chunked"),
+                shutdown: false,
+                want: Err(AmbiguousFraming),
+            },
+            Case {
+                method: "POST",
+                target: "/v1/responses",
+                headers: with(good(), "content-length", "2"),
+                shutdown: false,
+                want: Err(AmbiguousFraming),
+            },
+            Case {
+                method: "POST",
+                target: "/v1/responses",
+                headers: with(
+                    without(good(), "content-length"),
+                    "transfer-encoding",
+                    "gzip, chunked",
+                ),
+                shutdown: false,
+                want: Err(AmbiguousFraming),
+            },
+            Case {
+                method: "GET",
+                target: "/x",
+                headers: vec![
+                    ("transfer-encoding", "chunked".into()),
+                    ("content-length", "1".into()),
+                    ("origin", "x".into()),
+                ],
+                shutdown: false,
+                want: Err(AmbiguousFraming),
             },
             // 1. Browser requests, even with a valid token and everything else right.
             Case {

@@ -15,6 +15,7 @@
 //! | [`secret`] | reading, validating and locking the key |
 //! | [`token`] | the per-launch client token |
 //! | [`gate`] | pure: request head → allow or refusal |
+//! | [`framing`] | pure: byte-level check of request heads for smuggling shapes |
 //! | [`headers`] | pure: header rewriting both ways |
 //! | [`mask`] | pure: overwriting a reflected key in headers and streams |
 //! | [`upstream`] | TLS client, pool, connect timeout |
@@ -28,6 +29,7 @@
 pub mod body;
 pub mod config;
 pub mod dump;
+pub mod framing;
 pub mod gate;
 pub mod hardening;
 pub mod headers;

@@ -39,6 +39,7 @@ pub struct Proxy {
     key: ApiKey,
     upstream: Upstream,
     max_request_body: u64,
+    max_header_size: usize,
     body_read_timeout: Duration,
     upstream_idle_timeout: Duration,
     dumper: Option<Arc<Dumper>>,
@@ -73,6 +74,18 @@ fn path_label(path: &str) -> &'static str {
     }
 }
 
+/// The size of a request head as it was sent: request line and header lines.
+fn head_size(parts: &http::request::Parts) -> usize {
+    let line = parts.method.as_str().len() + parts.uri.to_string().len() + 12;
+    parts
+        .headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum::<usize>()
+        + line
+        + 2
+}
+
 /// The value of a single, valid `Content-Length`.
 fn content_length(headers: &http::HeaderMap) -> Option<u64> {
     let mut values = headers.get_all(CONTENT_LENGTH).iter();
@@ -100,6 +113,7 @@ impl Proxy {
             key,
             upstream,
             max_request_body: config.max_request_body,
+            max_header_size: config.max_header_size,
             body_read_timeout: config.body_read_timeout,
             upstream_idle_timeout: config.upstream_idle_timeout,
             dumper: dumper.map(Arc::new),
@@ -122,15 +136,45 @@ impl Proxy {
             path: path_label(parts.uri.path()),
             ..AccessRecord::default()
         };
+        if head_size(&parts) > self.max_header_size {
+            let body = error_body(
+                "the request head (request line and headers) is larger than the proxy's \
+                 --max-header-size",
+                "invalid_request_error",
+                "request_header_fields_too_large",
+            );
+            let status = StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
+            return self.finish_fixed(
+                &mut record,
+                start,
+                status,
+                "request_header_fields_too_large",
+                body,
+            );
+        }
         let policy = GatePolicy {
             port: self.port,
             token: &self.token,
             http_shutdown: self.http_shutdown,
         };
-        match gate::check(&parts.method, &parts.uri, &parts.headers, &policy) {
+        let raw_ambiguous = parts.extensions.get::<gate::AmbiguousFraming>().is_some();
+        match gate::check_head(
+            &parts.method,
+            &parts.uri,
+            &parts.headers,
+            raw_ambiguous,
+            &policy,
+        ) {
             Err(refusal) => {
                 let body = error_body(refusal.message(), refusal.error_type(), refusal.code());
-                self.finish_fixed(&mut record, start, refusal.status(), refusal.code(), body)
+                let mut resp =
+                    self.finish_fixed(&mut record, start, refusal.status(), refusal.code(), body);
+                if refusal == gate::Refusal::AmbiguousFraming {
+                    // The rest of the byte stream cannot be trusted: close after answering.
+                    resp.headers_mut()
+                        .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                resp
             }
             Ok(Route::Shutdown) => {
                 let _ = self.stop.send(Some(StopReason::HttpShutdown));

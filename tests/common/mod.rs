@@ -186,6 +186,13 @@ impl MockUpstream {
         Self::start(Arc::new(handler), Some(tls)).await
     }
 
+    pub async fn tls_with(
+        tls: TestTls,
+        handler: impl Fn(&Recorded) -> Reply + Send + Sync + 'static,
+    ) -> Self {
+        Self::start(Arc::new(handler), Some(tls)).await
+    }
+
     async fn start(handler: Handler, tls: Option<TestTls>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind mock");
         let addr = listener.local_addr().expect("addr");

@@ -1,0 +1,546 @@
+//! Faults, limits and hostile input: misbehaving upstreams, misbehaving clients, request
+//! smuggling shapes, descriptor exhaustion. The proxy keeps serving, loses nothing, and
+//! refuses clearly.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn head(p: &ProxyProc, extra: &str) -> String {
+    format!(
+        "POST /v1/responses HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\nx-proxy-token: {}\r\n{extra}",
+        p.host(),
+        p.token
+    )
+}
+
+fn status_of(raw: &[u8]) -> String {
+    String::from_utf8_lossy(raw)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string()
+}
+
+async fn read_all_within(s: &mut TcpStream, limit: Duration) -> (Vec<u8>, bool) {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    let closed = tokio::time::timeout(limit, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .is_ok();
+    (out, closed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_headers_get_431() {
+    let up = MockUpstream::plain(|_| Reply::json(200, "{}")).await;
+    let p = start_proxy(&["--upstream-url", &up.url(), "--max-header-size", "4KiB"]);
+    let mut req = p.responses_request("{}");
+    req.headers_mut().insert(
+        "x-big",
+        http::HeaderValue::from_str(&"a".repeat(5000)).expect("v"),
+    );
+    let (status, _, body) = exchange(p.port, req).await;
+    assert_eq!(status, 431);
+    assert_eq!(error_code(&body), "request_header_fields_too_large");
+    // Far beyond: hyper's backstop answers 431 too.
+    let raw = head(
+        &p,
+        &format!(
+            "x-huge: {}\r\ncontent-length: 2\r\n\r\n{{}}",
+            "b".repeat(20_000)
+        ),
+    );
+    let out = raw_exchange(p.port, raw.as_bytes(), Duration::from_secs(2)).await;
+    assert!(
+        status_of(&out).starts_with("HTTP/1.1 431"),
+        "{}",
+        status_of(&out)
+    );
+    assert_eq!(up.count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_cap_get_a_fast_503_and_streams_continue() {
+    let hold = std::sync::Arc::new(tokio::sync::Notify::new());
+    let h = std::sync::Arc::clone(&hold);
+    let up = MockUpstream::plain(move |_| {
+        Reply::sse(vec![
+            Step::Data(Bytes::from_static(b"data: 1\n\n")),
+            Step::Wait(std::sync::Arc::clone(&h)),
+            Step::Data(Bytes::from_static(b"data: 2\n\n")),
+        ])
+    })
+    .await;
+    let p = start_proxy(&["--upstream-url", &up.url(), "--max-connections", "2"]);
+    // One open stream and one idle connection fill the cap.
+    let resp = send(p.port, p.responses_request("{}")).await;
+    let mut stream = resp.into_body();
+    let first = stream
+        .frame()
+        .await
+        .expect("f")
+        .expect("ok")
+        .into_data()
+        .expect("d");
+    assert_eq!(first, Bytes::from_static(b"data: 1\n\n"));
+    let _idle = TcpStream::connect(("127.0.0.1", p.port))
+        .await
+        .expect("idle");
+    // The next one is turned away fast, with a JSON error and Retry-After.
+    let t0 = Instant::now();
+    let raw = head(&p, "content-length: 2\r\n\r\n{}");
+    let out = raw_exchange(p.port, raw.as_bytes(), Duration::from_secs(3)).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+    assert!(
+        text.to_ascii_lowercase().contains("retry-after: 1"),
+        "{text}"
+    );
+    assert!(text.contains("too_many_connections"), "{text}");
+    assert!(t0.elapsed() < Duration::from_secs(1));
+    // The open stream is unaffected.
+    hold.notify_one();
+    let rest = stream.collect().await.expect("rest").to_bytes();
+    assert_eq!(rest, Bytes::from_static(b"data: 2\n\n"));
+    assert_eq!(up.count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_heads_get_408_and_idle_connections_close_quietly() {
+    let up = MockUpstream::plain(|_| Reply::json(200, "{}")).await;
+    let p = start_proxy(&[
+        "--upstream-url",
+        &up.url(),
+        "--header-read-timeout",
+        "300ms",
+    ]);
+    // Slowloris: part of a head, then nothing.
+    let mut s = TcpStream::connect(("127.0.0.1", p.port))
+        .await
+        .expect("connect");
+    s.write_all(b"POST /v1/responses HTTP/1.1\r\nhost: 127.0.0.1\r\n")
+        .await
+        .expect("write");
+    let t0 = Instant::now();
+    let (out, closed) = read_all_within(&mut s, Duration::from_secs(3)).await;
+    assert!(closed, "closed");
+    assert!(t0.elapsed() >= Duration::from_millis(250));
+    assert!(
+        status_of(&out).starts_with("HTTP/1.1 408"),
+        "{:?}",
+        String::from_utf8_lossy(&out)
+    );
+    assert!(String::from_utf8_lossy(&out).contains("request_timeout"));
+    // A connection that never sends anything is closed without a word.
+    let mut s = TcpStream::connect(("127.0.0.1", p.port))
+        .await
+        .expect("connect");
+    let (out, closed) = read_all_within(&mut s, Duration::from_secs(3)).await;
+    assert!(
+        closed && out.is_empty(),
+        "{:?}",
+        String::from_utf8_lossy(&out)
+    );
+    // A keep-alive connection idle after a complete exchange is closed quietly too.
+    let mut s = TcpStream::connect(("127.0.0.1", p.port))
+        .await
+        .expect("connect");
+    s.write_all(head(&p, "content-length: 2\r\n\r\n{}").as_bytes())
+        .await
+        .expect("write");
+    let (out, closed) = read_all_within(&mut s, Duration::from_secs(3)).await;
+    assert!(closed);
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert_eq!(
+        text.matches("HTTP/1.1").count(),
+        1,
+        "no 408 after a complete exchange: {text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_stalling_mid_body_gets_408() {
+    let up = MockUpstream::plain(|_| Reply::json(200, "{}")).await;
+    let p = start_proxy(&["--upstream-url", &up.url(), "--body-read-timeout", "300ms"]);
+    let mut s = TcpStream::connect(("127.0.0.1", p.port))
+        .await
+        .expect("connect");
+    s.write_all(head(&p, "content-length: 100\r\n\r\n{\"partial\":").as_bytes())
+        .await
+        .expect("write");
+    let (out, _) = read_all_within(&mut s, Duration::from_secs(5)).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("request_body_timeout"), "{text}");
+    assert_eq!(up.count(), 0, "no complete request upstream");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_vanishing_mid_body_cancels_the_upstream_request() {
+    let up = MockUpstream::plain(|_| Reply::json(200, "{}")).await;
+    let p = start_proxy(&["--upstream-url", &up.url()]);
+    {
+        let mut s = TcpStream::connect(("127.0.0.1", p.port))
+            .await
+            .expect("connect");
+        s.write_all(head(&p, "content-length: 100000\r\n\r\n{\"partial\":").as_bytes())
+            .await
+            .expect("write");
+        s.write_all(&[b' '; 4096]).await.expect("write");
+        // Vanish once the request is on its way upstream.
+        poll_until_async(Duration::from_secs(5), "upstream connection", || {
+            (*up.state.connections.lock().expect("lock") == 1).then_some(())
+        })
+        .await;
+    }
+    let t0 = Instant::now();
+    poll_until_async(Duration::from_secs(2), "upstream body aborted", || {
+        (*up.state.incomplete.lock().expect("lock") == 1).then_some(())
+    })
+    .await;
+    assert!(t0.elapsed() < Duration::from_secs(1));
+    assert_eq!(up.count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_closing_mid_headers_is_502() {
+    let (addr, _t) = raw_upstream(|mut s| async move {
+        let mut buf = [0u8; 4096];
+        let _ = s.read(&mut buf).await;
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-str")
+            .await;
+    })
+    .await;
+    let p = start_proxy(&[
+        "--upstream-url",
+        &format!("http://127.0.0.1:{}/v1/responses", addr.port()),
+    ]);
+    let (status, _, body) = exchange(p.port, p.responses_request("{}")).await;
+    assert_eq!(status, 502);
+    assert_eq!(error_code(&body), "upstream_unavailable");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickling_upstream_is_kept_alive_under_the_idle_timeout() {
+    let steps: Vec<Step> = (0..8)
+        .flat_map(|i| {
+            [
+                Step::Sleep(Duration::from_millis(200)),
+                Step::Data(Bytes::from(vec![b'a' + i as u8])),
+            ]
+        })
+        .collect();
+    let up = MockUpstream::plain(move |_| Reply::sse(steps.clone())).await;
+    let p = start_proxy(&["--upstream-url", &up.url(), "--upstream-idle-timeout", "1s"]);
+    let t0 = Instant::now();
+    let (status, _, body) = exchange(p.port, p.responses_request("{}")).await;
+    assert_eq!(status, 200);
+    assert_eq!(body, b"abcdefgh");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(1500),
+        "the stream outlived the idle timeout"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_errors_are_mirrored_verbatim() {
+    let up = MockUpstream::plain(|r| {
+        if String::from_utf8_lossy(&r.body).contains("429") {
+            Reply::json(429, r#"{"error":{"message":"Rate limit reached","type":"requests","code":"rate_limit_exceeded"}}"#).header("retry-after", "20").header("x-ratelimit-remaining-requests", "0")
+        } else {
+            Reply::json(500, r#"{"error":{"message":"The server had an error","type":"server_error"}}"#)
+        }
+    })
+    .await;
+    let p = start_proxy(&["--upstream-url", &up.url()]);
+    let (status, headers, body) = exchange(p.port, p.responses_request(r#"{"want":"429"}"#)).await;
+    assert_eq!(status, 429);
+    assert_eq!(headers["retry-after"], "20");
+    assert_eq!(headers["x-ratelimit-remaining-requests"], "0");
+    assert_eq!(body, br#"{"error":{"message":"Rate limit reached","type":"requests","code":"rate_limit_exceeded"}}"#);
+    let (status, _, body) = exchange(p.port, p.responses_request("{}")).await;
+    assert_eq!(status, 500);
+    assert_eq!(
+        body,
+        br#"{"error":{"message":"The server had an error","type":"server_error"}}"#
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_for_another_host_is_refused() {
+    let tls = TestTls::for_names(&["not-this-host.example"]);
+    let ca = tls.ca_pem.clone();
+    let up = MockUpstream::tls_with(tls, |_| Reply::json(200, "{}")).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let ca_path = write_file(dir.path(), "ca.pem", &ca);
+    let p = start_proxy(&[
+        "--upstream-url",
+        &up.url(),
+        "--upstream-ca",
+        ca_path.to_str().expect("utf8"),
+    ]);
+    let (status, _, _) = exchange(p.port, p.responses_request("{}")).await;
+    assert_eq!(status, 502);
+    assert_eq!(up.count(), 0);
+    let log = poll_until(Duration::from_secs(5), "log", || {
+        let t = p.stderr_text();
+        t.contains("upstream request failed").then_some(t)
+    });
+    assert!(
+        log.contains("NotValidForName") || log.to_lowercase().contains("not valid for"),
+        "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expect_continue_pipelining_and_http10_work() {
+    let up =
+        MockUpstream::plain(|r| Reply::json(200, &format!("{{\"n\":{}}}", r.body.len()))).await;
+    let p = start_proxy(&["--upstream-url", &up.url()]);
+    // Expect: 100-continue.
+    let mut s = TcpStream::connect(("127.0.0.1", p.port))
+        .await
+        .expect("connect");
+    s.write_all(head(&p, "content-length: 2\r\nexpect: 100-continue\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut buf = [0u8; 256];
+    let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf))
+        .await
+        .expect("100 in time")
+        .expect("read");
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 100 Continue"));
+    s.write_all(b"{}").await.expect("body");
+    let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf))
+        .await
+        .expect("answer")
+        .expect("read");
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("200 OK"));
+    // Pipelining: two requests in one write, two answers in order.
+    let two = format!(
+        "{}{}",
+        head(&p, "content-length: 2\r\n\r\n{}"),
+        head(&p, "content-length: 3\r\nconnection: close\r\n\r\n{ }")
+    );
+    let out = raw_exchange(p.port, two.as_bytes(), Duration::from_secs(3)).await;
+    let text = String::from_utf8_lossy(&out);
+    assert_eq!(text.matches("HTTP/1.1 200 OK").count(), 2, "{text}");
+    assert!(text.find("{\"n\":2}") < text.find("{\"n\":3}"), "{text}");
+    // HTTP/1.0.
+    let raw = format!(
+        "POST /v1/responses HTTP/1.0\r\nhost: {}\r\ncontent-type: application/json\r\nx-proxy-token: {}\r\ncontent-length: 2\r\n\r\n{{}}",
+        p.host(),
+        p.token
+    );
+    let out = raw_exchange(p.port, raw.as_bytes(), Duration::from_secs(3)).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(
+        text.starts_with("HTTP/1.0 200") || text.starts_with("HTTP/1.1 200"),
+        "{text}"
+    );
+    let reqs = up.requests();
+    assert_eq!(reqs.len(), 4);
+    assert!(reqs.iter().all(|r| r.all("expect").is_empty()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_smuggling_shapes_get_400_and_nothing_is_forwarded() {
+    let up = MockUpstream::plain(|_| Reply::json(200, "{}")).await;
+    let p = start_proxy(&["--upstream-url", &up.url()]);
+    let cases = [
+        (
+            "CL and TE",
+            head(
+                &p,
+                "content-length: 5\r\ntransfer-encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+            ),
+        ),
+        (
+            "two CLs",
+            head(&p, "content-length: 2\r\ncontent-length: 3\r\n\r\n{}x"),
+        ),
+        (
+            "obs-fold",
+            head(&p, "x-folded: a\r\n  b\r\ncontent-length: 2\r\n\r\n{}"),
+        ),
+        (
+            "invalid chunk size",
+            head(
+                &p,
+                "transfer-encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n",
+            ),
+        ),
+        (
+            "TE not chunked",
+            head(&p, "transfer-encoding: gzip\r\n\r\n{}"),
+        ),
+        ("garbage", "\x16\x03\x01\x02\x00garbage\r\n\r\n".to_string()),
+        (
+            "space before colon",
+            head(&p, "content-length : 2\r\n\r\n{}"),
+        ),
+    ];
+    for (name, raw) in cases {
+        let out = raw_exchange(p.port, raw.as_bytes(), Duration::from_secs(2)).await;
+        let line = status_of(&out);
+        assert!(line.starts_with("HTTP/1.1 400"), "{name}: {line:?}");
+    }
+    // A bare LF instead of CRLF.
+    let raw = head(&p, "content-length: 2\r\n\r\n{}").replace("\r\n", "\n");
+    let out = raw_exchange(p.port, raw.as_bytes(), Duration::from_secs(2)).await;
+    let line = status_of(&out);
+    assert!(line.starts_with("HTTP/1.1 400"), "bare LF: {line:?}");
+    // The second request on a keep-alive connection is checked too.
+    let mut s = TcpStream::connect(("127.0.0.1", p.port)).await.expect("connect");
+    s.write_all(head(&p, "content-length: 2\r\n\r\n{}").as_bytes()).await.expect("first");
+    let mut buf = [0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf)).await.expect("first answer").expect("read");
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let second = head(&p, "content-length: 2\r\ntransfer-encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n");
+    s.write_all(second.as_bytes()).await.expect("second");
+    let (out, _) = read_all_within(&mut s, Duration::from_secs(3)).await;
+    assert!(status_of(&out).starts_with("HTTP/1.1 400"), "second on keep-alive: {:?}", status_of(&out));
+    assert_eq!(up.count(), 1, "only the clean first request was forwarded");
+    let (status, _, _) = exchange(p.port, p.responses_request("{}")).await;
+    assert_eq!(status, 200, "still serving");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn descriptor_exhaustion_backs_off_and_recovers() {
+    let up = MockUpstream::plain(|_| Reply::json(200, "{}")).await;
+    let url = up.url();
+    // Run the proxy with a low descriptor limit.
+    let dir = tempfile::tempdir().expect("dir");
+    let info = dir.path().join("info.json");
+    let mut child = std::process::Command::new("prlimit")
+        .args([
+            "--nofile=48:48",
+            bin(),
+            "--upstream-url",
+            &url,
+            "--server-info",
+        ])
+        .arg(&info)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("prlimit");
+    {
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(format!("{KEY}\n").as_bytes())
+            .expect("key");
+    }
+    let err = capture(child.stderr.take().expect("stderr"));
+    let v: serde_json::Value = poll_until(Duration::from_secs(10), "server-info", || {
+        serde_json::from_str(&std::fs::read_to_string(&info).ok()?).ok()
+    });
+    let port = v["port"].as_u64().expect("port") as u16;
+    let token = v["auth_token"].as_str().expect("token").to_string();
+    let host = format!("127.0.0.1:{port}");
+    let req = || {
+        Request::post("/v1/responses")
+            .header("host", &host)
+            .header("content-type", "application/json")
+            .header("x-proxy-token", &token)
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .expect("req")
+    };
+    // A keep-alive connection opened before the flood.
+    let stream = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .expect("hs");
+    tokio::spawn(conn);
+    let r = sender.send_request(req()).await.expect("send");
+    assert_eq!(r.status(), 200);
+    let _ = r.into_body().collect().await;
+    // Flood: more connections than the proxy has descriptors.
+    let mut flood = Vec::new();
+    for _ in 0..80 {
+        if let Ok(Ok(s)) = tokio::time::timeout(
+            Duration::from_millis(200),
+            TcpStream::connect(("127.0.0.1", port)),
+        )
+        .await
+        {
+            flood.push(s);
+        }
+    }
+    poll_until_async(Duration::from_secs(5), "back-off log line", || {
+        String::from_utf8_lossy(&err.lock().expect("lock"))
+            .contains("accepting connections failed")
+            .then_some(())
+    })
+    .await;
+    // The existing connection is still served (its upstream connection is pooled).
+    let r = tokio::time::timeout(Duration::from_secs(5), sender.send_request(req()))
+        .await
+        .expect("in time")
+        .expect("send");
+    assert_eq!(r.status(), 200);
+    let _ = r.into_body().collect().await;
+    // Not spinning: the proxy's CPU time stays low while it cannot accept.
+    let stat = |pid: u32| -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+        let f: Vec<&str> = s
+            .rsplit(')')
+            .next()
+            .expect("fields")
+            .split_whitespace()
+            .collect();
+        f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime")
+    };
+    let pid = child.id();
+    let before = stat(pid);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let ticks = stat(pid) - before;
+    assert!(ticks < 30, "spinning: {ticks} ticks of CPU in 1 s");
+    // Recovery once the flood is gone.
+    drop(flood);
+    let t0 = Instant::now();
+    loop {
+        let attempt = tokio::time::timeout(Duration::from_secs(2), async {
+            let s = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(s))
+                    .await
+                    .ok()?;
+            tokio::spawn(conn);
+            sender.send_request(req()).await.ok().map(|r| r.status())
+        })
+        .await;
+        if let Ok(Some(st)) = attempt {
+            assert_eq!(st, 200);
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "no recovery");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
