@@ -205,6 +205,7 @@ impl MockUpstream {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                let _ = stream.set_nodelay(true);
                 *st.connections.lock().expect("lock") += 1;
                 let handler = Arc::clone(&handler);
                 let st = Arc::clone(&st);
@@ -576,6 +577,7 @@ pub async fn try_send(
     let stream = TcpStream::connect(("127.0.0.1", port))
         .await
         .expect("connect proxy");
+    let _ = stream.set_nodelay(true);
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
             .await
