@@ -1,0 +1,664 @@
+//! The benchmark: the release proxy (and nginx, when installed) against a direct
+//! connection to the same fast fake upstream, measured interleaved in one run, medians of
+//! several repetitions, reported as a table with ratios and as JSON.
+//!
+//!     scripts/bench            full run (a few minutes)
+//!     scripts/bench --quick    smoke run (CI): tiny counts, no thresholds
+//!
+//! The run fails loudly if any request through a target failed or was not 2xx, or if the
+//! upstream saw a request without the injected key.
+
+use std::convert::Infallible;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body, Frame};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{Value, json};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, mpsc};
+
+const KEY: &str = "sk-test-bench-0123456789abcdefghijklmnopqrstuvwxyz";
+const SMALL: usize = 1024;
+
+// ------------------------------------------------------------------------------------
+// Fake upstream
+// ------------------------------------------------------------------------------------
+
+#[derive(Default)]
+struct UpStats {
+    requests: AtomicU64,
+    without_key: AtomicU64,
+}
+
+struct Upstream {
+    addr: SocketAddr,
+    tls_addr: SocketAddr,
+    ca_pem: String,
+    stats: Arc<UpStats>,
+    release: Arc<Notify>,
+}
+
+struct ChanBody(mpsc::Receiver<Bytes>);
+
+impl Body for ChanBody {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+async fn upstream_handle(req: Request<hyper::body::Incoming>, stats: Arc<UpStats>, release: Arc<Notify>) -> Response<ChanBody> {
+    stats.requests.fetch_add(1, Ordering::Relaxed);
+    let want = format!("Bearer {KEY}");
+    if req.headers().get_all("authorization").iter().map(|v| v.as_bytes()).collect::<Vec<_>>() != [want.as_bytes()] {
+        stats.without_key.fetch_add(1, Ordering::Relaxed);
+    }
+    let mode = req.headers().get("x-bench").and_then(|v| v.to_str().ok()).unwrap_or("small").to_string();
+    // Consume the body (8 MiB uploads included).
+    let mut body = req.into_body();
+    while let Some(f) = body.frame().await {
+        if f.is_err() {
+            break;
+        }
+    }
+    let (tx, rx) = mpsc::channel(16);
+    let mut resp = Response::new(ChanBody(rx));
+    if let Some(spec) = mode.strip_prefix("sse:") {
+        let mut it = spec.split(':');
+        let n: u64 = it.next().and_then(|v| v.parse().ok()).unwrap_or(10);
+        let gap_us: u64 = it.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+        resp.headers_mut().insert("content-type", "text/event-stream".parse().expect("ct"));
+        tokio::spawn(async move {
+            let t0 = tokio::time::Instant::now();
+            for i in 0..n {
+                tokio::time::sleep_until(t0 + Duration::from_micros(gap_us * i)).await;
+                let ev = format!("event: response.output_text.delta\ndata: {{\"i\":{i},\"delta\":\"token\"}}\n\n");
+                if tx.send(Bytes::from(ev)).await.is_err() {
+                    return;
+                }
+            }
+        });
+    } else if mode == "hold" {
+        resp.headers_mut().insert("content-type", "text/event-stream".parse().expect("ct"));
+        tokio::spawn(async move {
+            let _ = tx.send(Bytes::from_static(b"event: response.created\ndata: {}\n\n")).await;
+            release.notified().await;
+        });
+    } else {
+        let body = Bytes::from_static(br#"{"id":"resp_bench","object":"response","status":"completed","output":[{"type":"message","content":[{"type":"output_text","text":"ok"}]}]}"#);
+        resp.headers_mut().insert("content-type", "application/json".parse().expect("ct"));
+        resp.headers_mut().insert("content-length", body.len().into());
+        let _ = tx.try_send(body);
+    }
+    resp
+}
+
+async fn start_upstream() -> Upstream {
+    let stats = Arc::new(UpStats::default());
+    let release = Arc::new(Notify::new());
+    let plain = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let tls_l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let (addr, tls_addr) = (plain.local_addr().expect("a"), tls_l.local_addr().expect("a"));
+    // A CA and a certificate for 127.0.0.1, generated for this run.
+    let ca_key = rcgen::KeyPair::generate().expect("key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("p");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).expect("ca");
+    let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
+    let leaf_key = rcgen::KeyPair::generate().expect("key");
+    let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+        .expect("p")
+        .signed_by(&leaf_key, &issuer)
+        .expect("leaf");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("v")
+        .with_no_client_auth()
+        .with_single_cert(vec![leaf.der().clone()], rustls_pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()))
+        .expect("cfg");
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    for (listener, tls) in [(plain, None), (tls_l, Some(acceptor))] {
+        let (stats, release) = (Arc::clone(&stats), Arc::clone(&release));
+        tokio::spawn(async move {
+            loop {
+                let Ok((s, _)) = listener.accept().await else { continue };
+                let _ = s.set_nodelay(true);
+                let (stats, release, tls) = (Arc::clone(&stats), Arc::clone(&release), tls.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let (stats, release) = (Arc::clone(&stats), Arc::clone(&release));
+                        async move { Ok::<_, Infallible>(upstream_handle(req, stats, release).await) }
+                    });
+                    let b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    match tls {
+                        Some(acc) => {
+                            if let Ok(t) = acc.accept(s).await {
+                                let _ = b.serve_connection(TokioIo::new(t), svc).await;
+                            }
+                        }
+                        None => {
+                            let _ = b.serve_connection(TokioIo::new(s), svc).await;
+                        }
+                    }
+                });
+            }
+        });
+    }
+    Upstream { addr, tls_addr, ca_pem: ca.pem(), stats, release }
+}
+
+// ------------------------------------------------------------------------------------
+// Targets
+// ------------------------------------------------------------------------------------
+
+#[derive(Clone)]
+struct Target {
+    name: String,
+    port: u16,
+    /// Extra headers (the proxy token; the key for direct).
+    headers: Vec<(String, String)>,
+    /// TLS to the target itself (direct HTTPS only).
+    tls: Option<Arc<rustls::ClientConfig>>,
+    pid: Option<u32>,
+}
+
+struct ProxyProc {
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for ProxyProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_proxy(upstream_url: &str, ca: Option<&str>) -> (ProxyProc, Target, Duration) {
+    let dir = tempfile::tempdir().expect("dir");
+    let info = dir.path().join("info.json");
+    let mut args = vec!["--upstream-url".to_string(), upstream_url.to_string(), "--server-info".into(), info.to_string_lossy().into_owned(), "--log-level".into(), "warn".into(), "--max-connections".into(), "4096".into()];
+    if let Some(ca) = ca {
+        let p = dir.path().join("ca.pem");
+        std::fs::write(&p, ca).expect("ca");
+        args.push("--upstream-ca".into());
+        args.push(p.to_string_lossy().into_owned());
+    }
+    let t0 = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_responses-api-proxy"))
+        .args(&args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn proxy");
+    child.stdin.take().expect("stdin").write_all(format!("{KEY}\n").as_bytes()).expect("key");
+    let deadline = t0 + Duration::from_secs(10);
+    let v: Value = loop {
+        if let Ok(t) = std::fs::read_to_string(&info)
+            && let Ok(v) = serde_json::from_str(&t)
+        {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "proxy did not start");
+        std::thread::sleep(Duration::from_micros(200));
+    };
+    let ready = t0.elapsed();
+    let target = Target {
+        name: "proxy".into(),
+        port: v["port"].as_u64().expect("port") as u16,
+        headers: vec![("x-proxy-token".into(), v["auth_token"].as_str().expect("tok").into())],
+        tls: None,
+        pid: Some(child.id()),
+    };
+    (ProxyProc { child, _dir: dir }, target, ready)
+}
+
+struct Nginx {
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// nginx as a reverse proxy the way users would set it up, when it is installed.
+fn start_nginx(up: SocketAddr) -> Option<(Nginx, Target)> {
+    let bin = ["/usr/sbin/nginx", "/usr/bin/nginx"].into_iter().find(|p| std::path::Path::new(p).exists())?;
+    let dir = tempfile::tempdir().ok()?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
+    let d = dir.path().display();
+    let auth = dir.path().join("auth.conf");
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&auth).ok()?;
+        writeln!(f, "proxy_set_header Authorization \"Bearer {KEY}\";").ok()?;
+    }
+    let conf = format!(
+        "user root root; worker_processes 2; daemon off; pid {d}/nginx.pid; error_log {d}/error.log warn;\n\
+         events {{ worker_connections 8192; }}\n\
+         http {{ access_log off; client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;\n\
+           fastcgi_temp_path {d}/f; uwsgi_temp_path {d}/u; scgi_temp_path {d}/s; client_max_body_size 64m;\n\
+           keepalive_requests 10000000; upstream up {{ server {up}; keepalive 128; keepalive_requests 10000000; }}\n\
+           server {{ listen 127.0.0.1:{port}; location = /v1/responses {{\n\
+             proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\";\n\
+             include {auth}; proxy_buffering off; proxy_request_buffering off; }} }} }}\n",
+        auth = auth.display()
+    );
+    let conf_path = dir.path().join("nginx.conf");
+    std::fs::write(&conf_path, conf).ok()?;
+    let child = Command::new(bin).args(["-c", &conf_path.to_string_lossy(), "-p", &d.to_string()]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().ok()?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let pid = std::fs::read_to_string(dir.path().join("nginx.pid")).ok().and_then(|p| p.trim().parse().ok());
+    Some((Nginx { child, _dir: dir }, Target { name: "nginx".into(), port, headers: vec![], tls: None, pid }))
+}
+
+// ------------------------------------------------------------------------------------
+// Load generation
+// ------------------------------------------------------------------------------------
+
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+async fn connect(t: &Target) -> Sender {
+    let s = TcpStream::connect(("127.0.0.1", t.port)).await.expect("connect");
+    let _ = s.set_nodelay(true);
+    match &t.tls {
+        Some(cfg) => {
+            let conn = tokio_rustls::TlsConnector::from(Arc::clone(cfg));
+            let name = rustls_pki_types::ServerName::try_from("127.0.0.1").expect("name");
+            let tls = conn.connect(name, s).await.expect("tls");
+            let (sender, c) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.expect("hs");
+            tokio::spawn(c);
+            sender
+        }
+        None => {
+            let (sender, c) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await.expect("hs");
+            tokio::spawn(c);
+            sender
+        }
+    }
+}
+
+fn request(t: &Target, mode: &str, body: Bytes) -> Request<Full<Bytes>> {
+    let mut b = Request::post("/v1/responses")
+        .header("host", format!("127.0.0.1:{}", t.port))
+        .header("content-type", "application/json")
+        .header("x-bench", mode);
+    for (n, v) in &t.headers {
+        b = b.header(n.as_str(), v.as_str());
+    }
+    b.body(Full::new(body)).expect("req")
+}
+
+#[derive(Default)]
+struct Failures(AtomicU64, std::sync::Mutex<Vec<String>>);
+
+impl Failures {
+    fn add(&self, what: String) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        let mut v = self.1.lock().expect("lock");
+        if v.len() < 10 {
+            v.push(what);
+        }
+    }
+}
+
+async fn one(sender: &mut Sender, t: &Target, mode: &str, body: Bytes, fails: &Failures) -> Duration {
+    let t0 = Instant::now();
+    if let Err(e) = sender.ready().await {
+        fails.add(format!("{}: connection not ready: {e}", t.name));
+        *sender = connect(t).await;
+    }
+    match sender.send_request(request(t, mode, body)).await {
+        Ok(resp) => {
+            let status = resp.status();
+            if !status.is_success() {
+                fails.add(format!("{}: status {status}", t.name));
+            }
+            if let Err(e) = resp.into_body().collect().await {
+                fails.add(format!("{}: body: {e}", t.name));
+            }
+        }
+        Err(e) => {
+            fails.add(format!("{}: send: {e}", t.name));
+            *sender = connect(t).await;
+        }
+    }
+    t0.elapsed()
+}
+
+/// Small POSTs at concurrency `c` for `dur`: (requests/s, latencies).
+async fn small_load(t: &Target, c: usize, dur: Duration, fails: &Arc<Failures>) -> (f64, Vec<Duration>) {
+    let body = Bytes::from(format!("{{\"model\":\"gpt-bench\",\"input\":\"{}\"}}", "x".repeat(SMALL - 34)));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..c {
+        let (t, body, fails) = (t.clone(), body.clone(), Arc::clone(fails));
+        tasks.push(tokio::spawn(async move {
+            let mut s = connect(&t).await;
+            let mut lat = Vec::new();
+            while start.elapsed() < dur {
+                lat.push(one(&mut s, &t, "small", body.clone(), &fails).await);
+            }
+            lat
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.expect("task"));
+    }
+    (all.len() as f64 / start.elapsed().as_secs_f64(), all)
+}
+
+struct SseRun {
+    headers: Duration,
+    first: Duration,
+    total: Duration,
+    max_gap: Duration,
+    lateness: Duration,
+}
+
+async fn sse_run(t: &Target, n: u64, gap: Duration, fails: &Failures) -> SseRun {
+    let mut s = connect(t).await;
+    let t0 = Instant::now();
+    let resp = s.send_request(request(t, &format!("sse:{n}:{}", gap.as_micros()), Bytes::from_static(b"{\"stream\":true}"))).await.expect("sse");
+    let headers = t0.elapsed();
+    if !resp.status().is_success() {
+        fails.add(format!("{}: SSE status {}", t.name, resp.status()));
+    }
+    let mut body = resp.into_body();
+    let mut arrivals = Vec::new();
+    let mut buf = Vec::new();
+    while let Some(f) = body.frame().await {
+        let Ok(f) = f else {
+            fails.add(format!("{}: SSE body broke", t.name));
+            break;
+        };
+        if let Ok(d) = f.into_data() {
+            buf.extend_from_slice(&d);
+            while let Some(p) = buf.windows(2).position(|w| w == b"\n\n") {
+                buf.drain(..p + 2);
+                arrivals.push(t0.elapsed());
+            }
+        }
+    }
+    if arrivals.len() as u64 != n {
+        fails.add(format!("{}: SSE got {} of {n} events", t.name, arrivals.len()));
+    }
+    let first = arrivals.first().copied().unwrap_or_default();
+    let max_gap = arrivals.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default();
+    let lateness = arrivals
+        .iter()
+        .enumerate()
+        .map(|(i, a)| a.saturating_sub(first + gap * i as u32))
+        .sum::<Duration>()
+        / arrivals.len().max(1) as u32;
+    SseRun { headers, first, total: t0.elapsed(), max_gap, lateness }
+}
+
+fn cpu_ticks(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let f: Vec<&str> = s.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+}
+
+fn status_kb(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// nginx runs a master and workers: sum over the process group's children.
+fn pids_of(t: &Target) -> Vec<u32> {
+    let Some(pid) = t.pid else { return vec![] };
+    let mut v = vec![pid];
+    if t.name == "nginx" {
+        // The workers: every process whose parent is the master.
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(child) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+            let status = std::fs::read_to_string(format!("/proc/{child}/status")).unwrap_or_default();
+            if status.lines().any(|l| l.strip_prefix("PPid:").map(str::trim) == Some(&pid.to_string())) {
+                v.push(child);
+            }
+        }
+    }
+    v
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    if v.is_empty() { 0.0 } else { v[v.len() / 2] }
+}
+
+fn pct(v: &mut [Duration], p: f64) -> Duration {
+    v.sort();
+    if v.is_empty() { Duration::ZERO } else { v[((v.len() - 1) as f64 * p).round() as usize] }
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+// ------------------------------------------------------------------------------------
+// Main
+// ------------------------------------------------------------------------------------
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let out_path = std::env::args()
+        .skip_while(|a| a != "--json")
+        .nth(1)
+        .unwrap_or_else(|| "target/bench/results.json".into());
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
+    rt.block_on(run(quick, &out_path));
+}
+
+async fn run(quick: bool, out_path: &str) {
+    let reps = if quick { 1 } else { 5 };
+    let dur = Duration::from_millis(if quick { 200 } else { 2000 });
+    let sse_n = if quick { 20 } else { 200 };
+    let up = start_upstream().await;
+    let fails = Arc::new(Failures::default());
+
+    let plain_url = format!("http://{}/v1/responses", up.addr);
+    let tls_url = format!("https://127.0.0.1:{}/v1/responses", up.tls_addr.port());
+    let mut startups = Vec::new();
+    for _ in 0..if quick { 2 } else { 10 } {
+        let (p, _, ready) = start_proxy(&plain_url, None);
+        startups.push(ready.as_secs_f64() * 1e3);
+        drop(p);
+    }
+    let (_proxy, proxy_t, _) = start_proxy(&plain_url, None);
+    let (_proxy_tls, mut proxy_tls_t, _) = start_proxy(&tls_url, Some(&up.ca_pem));
+    proxy_tls_t.name = "proxy".into();
+    let direct = Target { name: "direct".into(), port: up.addr.port(), headers: vec![("authorization".into(), format!("Bearer {KEY}"))], tls: None, pid: None };
+    let mut roots = rustls::RootCertStore::empty();
+    for c in <rustls_pki_types::CertificateDer as rustls_pki_types::pem::PemObject>::pem_slice_iter(up.ca_pem.as_bytes()) {
+        roots.add(c.expect("pem")).expect("root");
+    }
+    let client_tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("v")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let direct_tls = Target { tls: Some(Arc::new(client_tls)), port: up.tls_addr.port(), ..direct.clone() };
+    let nginx = start_nginx(up.addr);
+    let mut targets = vec![direct.clone(), proxy_t.clone()];
+    if let Some((_, t)) = &nginx {
+        targets.push(t.clone());
+    }
+
+    let mut results = serde_json::Map::new();
+    let mut table: Vec<(String, String, f64, Option<f64>)> = Vec::new();
+    let mut rec = |row: &str, target: &str, value: f64, direct: Option<f64>, results: &mut serde_json::Map<String, Value>| {
+        results.entry(row.to_string()).or_insert_with(|| json!({})).as_object_mut().expect("obj").insert(target.to_string(), json!(value));
+        table.push((row.to_string(), target.to_string(), value, direct));
+    };
+
+    // 1. Small POSTs: throughput at c = 1, 16, 64; latency at c = 1.
+    for (label, set) in [("http", targets.clone()), ("https", vec![direct_tls.clone(), proxy_tls_t.clone()])] {
+        let concs: &[usize] = if label == "http" { &[1, 16, 64] } else { &[1, 16] };
+        for &c in concs {
+            let mut rps: Vec<Vec<f64>> = vec![Vec::new(); set.len()];
+            let mut p50: Vec<Vec<f64>> = vec![Vec::new(); set.len()];
+            let mut p99: Vec<Vec<f64>> = vec![Vec::new(); set.len()];
+            for _ in 0..reps {
+                for (i, t) in set.iter().enumerate() {
+                    let (r, mut lat) = small_load(t, c, dur, &fails).await;
+                    rps[i].push(r);
+                    p50[i].push(us(pct(&mut lat, 0.5)));
+                    p99[i].push(us(pct(&mut lat, 0.99)));
+                }
+            }
+            let d_rps = median(rps[0].clone());
+            for (i, t) in set.iter().enumerate() {
+                rec(&format!("{label} small POST c={c} req/s"), &t.name, median(rps[i].clone()), Some(d_rps), &mut results);
+                if c == 1 {
+                    rec(&format!("{label} small POST c=1 p50 µs"), &t.name, median(p50[i].clone()), Some(median(p50[0].clone())), &mut results);
+                    rec(&format!("{label} small POST c=1 p99 µs"), &t.name, median(p99[i].clone()), Some(median(p99[0].clone())), &mut results);
+                }
+            }
+        }
+        // 2. SSE.
+        let gap = Duration::from_millis(5);
+        let mut runs: Vec<Vec<SseRun>> = (0..set.len()).map(|_| Vec::new()).collect();
+        for _ in 0..reps.min(3) {
+            for (i, t) in set.iter().enumerate() {
+                runs[i].push(sse_run(t, sse_n, gap, &fails).await);
+            }
+        }
+        let pick = |i: usize, f: &dyn Fn(&SseRun) -> Duration| median(runs[i].iter().map(|r| us(f(r)) / 1e3).collect());
+        for (name, f) in [
+            ("time to headers ms", &(|r: &SseRun| r.headers) as &dyn Fn(&SseRun) -> Duration),
+            ("time to first event ms", &|r: &SseRun| r.first),
+            ("total ms", &|r: &SseRun| r.total),
+            ("largest gap ms", &|r: &SseRun| r.max_gap),
+            ("mean lateness ms", &|r: &SseRun| r.lateness),
+        ] {
+            let d = pick(0, f);
+            for (i, t) in set.iter().enumerate() {
+                rec(&format!("{label} SSE {sse_n}x5ms {name}"), &t.name, pick(i, f), Some(d), &mut results);
+            }
+        }
+    }
+
+    // 3. 8 MiB request body.
+    let big = Bytes::from(vec![b'a'; 8 << 20]);
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
+    for _ in 0..reps {
+        for (i, t) in targets.iter().enumerate() {
+            let mut s = connect(t).await;
+            times[i].push(us(one(&mut s, t, "small", big.clone(), &fails).await) / 1e3);
+        }
+    }
+    let d = median(times[0].clone());
+    for (i, t) in targets.iter().enumerate() {
+        rec("8 MiB body ms", &t.name, median(times[i].clone()), Some(d), &mut results);
+    }
+
+    // 5. CPU per 10,000 requests (c = 16).
+    let n_cpu = if quick { 500 } else { 10_000 };
+    for t in targets.iter().filter(|t| t.pid.is_some()) {
+        let pids = pids_of(t);
+        let before: u64 = pids.iter().map(|&p| cpu_ticks(p)).sum();
+        let body = Bytes::from(vec![b'x'; SMALL]);
+        let per = n_cpu / 16;
+        let mut tasks = Vec::new();
+        for _ in 0..16 {
+            let (t, body, fails) = (t.clone(), body.clone(), Arc::clone(&fails));
+            tasks.push(tokio::spawn(async move {
+                let mut s = connect(&t).await;
+                for _ in 0..per {
+                    one(&mut s, &t, "small", body.clone(), &fails).await;
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.expect("task");
+        }
+        let ticks: u64 = pids.iter().map(|&p| cpu_ticks(p)).sum::<u64>() - before;
+        let ms = ticks as f64 * 10.0 * 10_000.0 / (per * 16) as f64;
+        rec("CPU ms per 10k requests", &t.name, ms, None, &mut results);
+    }
+
+    // 4. 256 open streams: RSS idle, all open, peak; threads.
+    let n_open = if quick { 16 } else { 256 };
+    for t in targets.iter().filter(|t| t.pid.is_some()) {
+        let pids = pids_of(t);
+        let rss = |f: &str| pids.iter().map(|&p| status_kb(p, f)).sum::<u64>() as f64 / 1024.0;
+        let idle = rss("VmRSS:");
+        let mut open = Vec::new();
+        for _ in 0..n_open {
+            let mut s = connect(t).await;
+            let resp = s.send_request(request(t, "hold", Bytes::from_static(b"{}"))).await.expect("hold");
+            let mut b = resp.into_body();
+            let _ = b.frame().await;
+            open.push((s, b));
+        }
+        let all = rss("VmRSS:");
+        let threads = pids.iter().map(|&p| status_kb(p, "Threads:")).sum::<u64>() as f64;
+        up.release.notify_waiters();
+        drop(open);
+        let peak = rss("VmHWM:");
+        rec(&format!("RSS MiB idle ({n_open} streams row)"), &t.name, idle, None, &mut results);
+        rec(&format!("RSS MiB with {n_open} open streams"), &t.name, all, None, &mut results);
+        rec("RSS MiB peak", &t.name, peak, None, &mut results);
+        rec(&format!("threads with {n_open} open streams"), &t.name, threads, None, &mut results);
+    }
+    rec("launch to ready ms (median)", "proxy", median(startups), None, &mut results);
+
+    // Report.
+    println!("{:<44} {:>8} {:>12} {:>12} {:>9}", "row", "target", "value", "direct", "ratio");
+    for (row, target, v, d) in &table {
+        match d {
+            Some(d) if target != "direct" => {
+                let ratio = if *d != 0.0 { v / d } else { 0.0 };
+                println!("{row:<44} {target:>8} {v:>12.2} {d:>12.2} {ratio:>8.2}x  (+{:.2})", v - d);
+            }
+            _ => println!("{row:<44} {target:>8} {v:>12.2}"),
+        }
+    }
+    let failed = fails.0.load(Ordering::Relaxed);
+    let sent = up.stats.requests.load(Ordering::Relaxed);
+    let without = up.stats.without_key.load(Ordering::Relaxed);
+    println!("upstream requests: {sent}; without the injected key: {without}; failed or non-2xx: {failed}");
+    for f in fails.1.lock().expect("lock").iter() {
+        println!("  failure: {f}");
+    }
+    results.insert("machine".into(), json!({"cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), "quick": quick}));
+    if let Some(parent) = std::path::Path::new(out_path).parent() {
+        let _ = std::fs::create_dir_all(parent);
+    }
+    std::fs::write(out_path, serde_json::to_vec_pretty(&Value::Object(results)).expect("json")).expect("write json");
+    println!("results: {out_path}");
+    drop(nginx);
+    assert_eq!(failed, 0, "requests failed or were not 2xx");
+    assert_eq!(without, 0, "the upstream saw requests without the injected key");
+}
