@@ -53,18 +53,37 @@ struct ChanBody(mpsc::Receiver<Bytes>);
 impl Body for ChanBody {
     type Data = Bytes;
     type Error = Infallible;
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         self.0.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
     }
 }
 
-async fn upstream_handle(req: Request<hyper::body::Incoming>, stats: Arc<UpStats>, release: Arc<Notify>) -> Response<ChanBody> {
+async fn upstream_handle(
+    req: Request<hyper::body::Incoming>,
+    stats: Arc<UpStats>,
+    release: Arc<Notify>,
+) -> Response<ChanBody> {
     stats.requests.fetch_add(1, Ordering::Relaxed);
     let want = format!("Bearer {KEY}");
-    if req.headers().get_all("authorization").iter().map(|v| v.as_bytes()).collect::<Vec<_>>() != [want.as_bytes()] {
+    if req
+        .headers()
+        .get_all("authorization")
+        .iter()
+        .map(|v| v.as_bytes())
+        .collect::<Vec<_>>()
+        != [want.as_bytes()]
+    {
         stats.without_key.fetch_add(1, Ordering::Relaxed);
     }
-    let mode = req.headers().get("x-bench").and_then(|v| v.to_str().ok()).unwrap_or("small").to_string();
+    let mode = req
+        .headers()
+        .get("x-bench")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("small")
+        .to_string();
     // Consume the body (8 MiB uploads included).
     let mut body = req.into_body();
     while let Some(f) = body.frame().await {
@@ -78,27 +97,35 @@ async fn upstream_handle(req: Request<hyper::body::Incoming>, stats: Arc<UpStats
         let mut it = spec.split(':');
         let n: u64 = it.next().and_then(|v| v.parse().ok()).unwrap_or(10);
         let gap_us: u64 = it.next().and_then(|v| v.parse().ok()).unwrap_or(0);
-        resp.headers_mut().insert("content-type", "text/event-stream".parse().expect("ct"));
+        resp.headers_mut()
+            .insert("content-type", "text/event-stream".parse().expect("ct"));
         tokio::spawn(async move {
             let t0 = tokio::time::Instant::now();
             for i in 0..n {
                 tokio::time::sleep_until(t0 + Duration::from_micros(gap_us * i)).await;
-                let ev = format!("event: response.output_text.delta\ndata: {{\"i\":{i},\"delta\":\"token\"}}\n\n");
+                let ev = format!(
+                    "event: response.output_text.delta\ndata: {{\"i\":{i},\"delta\":\"token\"}}\n\n"
+                );
                 if tx.send(Bytes::from(ev)).await.is_err() {
                     return;
                 }
             }
         });
     } else if mode == "hold" {
-        resp.headers_mut().insert("content-type", "text/event-stream".parse().expect("ct"));
+        resp.headers_mut()
+            .insert("content-type", "text/event-stream".parse().expect("ct"));
         tokio::spawn(async move {
-            let _ = tx.send(Bytes::from_static(b"event: response.created\ndata: {}\n\n")).await;
+            let _ = tx
+                .send(Bytes::from_static(b"event: response.created\ndata: {}\n\n"))
+                .await;
             release.notified().await;
         });
     } else {
         let body = Bytes::from_static(br#"{"id":"resp_bench","object":"response","status":"completed","output":[{"type":"message","content":[{"type":"output_text","text":"ok"}]}]}"#);
-        resp.headers_mut().insert("content-type", "application/json".parse().expect("ct"));
-        resp.headers_mut().insert("content-length", body.len().into());
+        resp.headers_mut()
+            .insert("content-type", "application/json".parse().expect("ct"));
+        resp.headers_mut()
+            .insert("content-length", body.len().into());
         let _ = tx.try_send(body);
     }
     resp
@@ -109,7 +136,10 @@ async fn start_upstream() -> Upstream {
     let release = Arc::new(Notify::new());
     let plain = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let tls_l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let (addr, tls_addr) = (plain.local_addr().expect("a"), tls_l.local_addr().expect("a"));
+    let (addr, tls_addr) = (
+        plain.local_addr().expect("a"),
+        tls_l.local_addr().expect("a"),
+    );
     // A CA and a certificate for 127.0.0.1, generated for this run.
     let ca_key = rcgen::KeyPair::generate().expect("key");
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("p");
@@ -117,16 +147,20 @@ async fn start_upstream() -> Upstream {
     let ca = ca_params.self_signed(&ca_key).expect("ca");
     let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
     let leaf_key = rcgen::KeyPair::generate().expect("key");
-    let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
-        .expect("p")
-        .signed_by(&leaf_key, &issuer)
-        .expect("leaf");
+    let leaf =
+        rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+            .expect("p")
+            .signed_by(&leaf_key, &issuer)
+            .expect("leaf");
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .expect("v")
         .with_no_client_auth()
-        .with_single_cert(vec![leaf.der().clone()], rustls_pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()))
+        .with_single_cert(
+            vec![leaf.der().clone()],
+            rustls_pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+        )
         .expect("cfg");
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
@@ -134,7 +168,9 @@ async fn start_upstream() -> Upstream {
         let (stats, release) = (Arc::clone(&stats), Arc::clone(&release));
         tokio::spawn(async move {
             loop {
-                let Ok((s, _)) = listener.accept().await else { continue };
+                let Ok((s, _)) = listener.accept().await else {
+                    continue;
+                };
                 let _ = s.set_nodelay(true);
                 let (stats, release, tls) = (Arc::clone(&stats), Arc::clone(&release), tls.clone());
                 tokio::spawn(async move {
@@ -157,7 +193,13 @@ async fn start_upstream() -> Upstream {
             }
         });
     }
-    Upstream { addr, tls_addr, ca_pem: ca.pem(), stats, release }
+    Upstream {
+        addr,
+        tls_addr,
+        ca_pem: ca.pem(),
+        stats,
+        release,
+    }
 }
 
 // ------------------------------------------------------------------------------------
@@ -190,7 +232,16 @@ impl Drop for ProxyProc {
 fn start_proxy(upstream_url: &str, ca: Option<&str>) -> (ProxyProc, Target, Duration) {
     let dir = tempfile::tempdir().expect("dir");
     let info = dir.path().join("info.json");
-    let mut args = vec!["--upstream-url".to_string(), upstream_url.to_string(), "--server-info".into(), info.to_string_lossy().into_owned(), "--log-level".into(), "warn".into(), "--max-connections".into(), "4096".into()];
+    let mut args = vec![
+        "--upstream-url".to_string(),
+        upstream_url.to_string(),
+        "--server-info".into(),
+        info.to_string_lossy().into_owned(),
+        "--log-level".into(),
+        "warn".into(),
+        "--max-connections".into(),
+        "4096".into(),
+    ];
     if let Some(ca) = ca {
         let p = dir.path().join("ca.pem");
         std::fs::write(&p, ca).expect("ca");
@@ -205,7 +256,12 @@ fn start_proxy(upstream_url: &str, ca: Option<&str>) -> (ProxyProc, Target, Dura
         .stderr(Stdio::inherit())
         .spawn()
         .expect("spawn proxy");
-    child.stdin.take().expect("stdin").write_all(format!("{KEY}\n").as_bytes()).expect("key");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(format!("{KEY}\n").as_bytes())
+        .expect("key");
     let deadline = t0 + Duration::from_secs(10);
     let v: Value = loop {
         if let Ok(t) = std::fs::read_to_string(&info)
@@ -220,7 +276,10 @@ fn start_proxy(upstream_url: &str, ca: Option<&str>) -> (ProxyProc, Target, Dura
     let target = Target {
         name: "proxy".into(),
         port: v["port"].as_u64().expect("port") as u16,
-        headers: vec![("x-proxy-token".into(), v["auth_token"].as_str().expect("tok").into())],
+        headers: vec![(
+            "x-proxy-token".into(),
+            v["auth_token"].as_str().expect("tok").into(),
+        )],
         tls: None,
         pid: Some(child.id()),
     };
@@ -241,14 +300,25 @@ impl Drop for Nginx {
 
 /// nginx as a reverse proxy the way users would set it up, when it is installed.
 fn start_nginx(up: SocketAddr) -> Option<(Nginx, Target)> {
-    let bin = ["/usr/sbin/nginx", "/usr/bin/nginx"].into_iter().find(|p| std::path::Path::new(p).exists())?;
+    let bin = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())?;
     let dir = tempfile::tempdir().ok()?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .ok()?
+        .local_addr()
+        .ok()?
+        .port();
     let d = dir.path().display();
     let auth = dir.path().join("auth.conf");
     {
         use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&auth).ok()?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&auth)
+            .ok()?;
         writeln!(f, "proxy_set_header Authorization \"Bearer {KEY}\";").ok()?;
     }
     let conf = format!(
@@ -264,7 +334,12 @@ fn start_nginx(up: SocketAddr) -> Option<(Nginx, Target)> {
     );
     let conf_path = dir.path().join("nginx.conf");
     std::fs::write(&conf_path, conf).ok()?;
-    let child = Command::new(bin).args(["-c", &conf_path.to_string_lossy(), "-p", &d.to_string()]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().ok()?;
+    let child = Command::new(bin)
+        .args(["-c", &conf_path.to_string_lossy(), "-p", &d.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
     let deadline = Instant::now() + Duration::from_secs(5);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         if Instant::now() > deadline {
@@ -272,8 +347,19 @@ fn start_nginx(up: SocketAddr) -> Option<(Nginx, Target)> {
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    let pid = std::fs::read_to_string(dir.path().join("nginx.pid")).ok().and_then(|p| p.trim().parse().ok());
-    Some((Nginx { child, _dir: dir }, Target { name: "nginx".into(), port, headers: vec![], tls: None, pid }))
+    let pid = std::fs::read_to_string(dir.path().join("nginx.pid"))
+        .ok()
+        .and_then(|p| p.trim().parse().ok());
+    Some((
+        Nginx { child, _dir: dir },
+        Target {
+            name: "nginx".into(),
+            port,
+            headers: vec![],
+            tls: None,
+            pid,
+        },
+    ))
 }
 
 // ------------------------------------------------------------------------------------
@@ -283,19 +369,25 @@ fn start_nginx(up: SocketAddr) -> Option<(Nginx, Target)> {
 type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
 async fn connect(t: &Target) -> Sender {
-    let s = TcpStream::connect(("127.0.0.1", t.port)).await.expect("connect");
+    let s = TcpStream::connect(("127.0.0.1", t.port))
+        .await
+        .expect("connect");
     let _ = s.set_nodelay(true);
     match &t.tls {
         Some(cfg) => {
             let conn = tokio_rustls::TlsConnector::from(Arc::clone(cfg));
             let name = rustls_pki_types::ServerName::try_from("127.0.0.1").expect("name");
             let tls = conn.connect(name, s).await.expect("tls");
-            let (sender, c) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.expect("hs");
+            let (sender, c) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+                .await
+                .expect("hs");
             tokio::spawn(c);
             sender
         }
         None => {
-            let (sender, c) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await.expect("hs");
+            let (sender, c) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+                .await
+                .expect("hs");
             tokio::spawn(c);
             sender
         }
@@ -326,7 +418,13 @@ impl Failures {
     }
 }
 
-async fn one(sender: &mut Sender, t: &Target, mode: &str, body: Bytes, fails: &Failures) -> Duration {
+async fn one(
+    sender: &mut Sender,
+    t: &Target,
+    mode: &str,
+    body: Bytes,
+    fails: &Failures,
+) -> Duration {
     let t0 = Instant::now();
     if let Err(e) = sender.ready().await {
         fails.add(format!("{}: connection not ready: {e}", t.name));
@@ -351,8 +449,16 @@ async fn one(sender: &mut Sender, t: &Target, mode: &str, body: Bytes, fails: &F
 }
 
 /// Small POSTs at concurrency `c` for `dur`: (requests/s, latencies).
-async fn small_load(t: &Target, c: usize, dur: Duration, fails: &Arc<Failures>) -> (f64, Vec<Duration>) {
-    let body = Bytes::from(format!("{{\"model\":\"gpt-bench\",\"input\":\"{}\"}}", "x".repeat(SMALL - 34)));
+async fn small_load(
+    t: &Target,
+    c: usize,
+    dur: Duration,
+    fails: &Arc<Failures>,
+) -> (f64, Vec<Duration>) {
+    let body = Bytes::from(format!(
+        "{{\"model\":\"gpt-bench\",\"input\":\"{}\"}}",
+        "x".repeat(SMALL - 34)
+    ));
     let start = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..c {
@@ -384,7 +490,14 @@ struct SseRun {
 async fn sse_run(t: &Target, n: u64, gap: Duration, fails: &Failures) -> SseRun {
     let mut s = connect(t).await;
     let t0 = Instant::now();
-    let resp = s.send_request(request(t, &format!("sse:{n}:{}", gap.as_micros()), Bytes::from_static(b"{\"stream\":true}"))).await.expect("sse");
+    let resp = s
+        .send_request(request(
+            t,
+            &format!("sse:{n}:{}", gap.as_micros()),
+            Bytes::from_static(b"{\"stream\":true}"),
+        ))
+        .await
+        .expect("sse");
     let headers = t0.elapsed();
     if !resp.status().is_success() {
         fails.add(format!("{}: SSE status {}", t.name, resp.status()));
@@ -406,23 +519,43 @@ async fn sse_run(t: &Target, n: u64, gap: Duration, fails: &Failures) -> SseRun 
         }
     }
     if arrivals.len() as u64 != n {
-        fails.add(format!("{}: SSE got {} of {n} events", t.name, arrivals.len()));
+        fails.add(format!(
+            "{}: SSE got {} of {n} events",
+            t.name,
+            arrivals.len()
+        ));
     }
     let first = arrivals.first().copied().unwrap_or_default();
-    let max_gap = arrivals.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default();
+    let max_gap = arrivals
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .max()
+        .unwrap_or_default();
     let lateness = arrivals
         .iter()
         .enumerate()
         .map(|(i, a)| a.saturating_sub(first + gap * i as u32))
         .sum::<Duration>()
         / arrivals.len().max(1) as u32;
-    SseRun { headers, first, total: t0.elapsed(), max_gap, lateness }
+    SseRun {
+        headers,
+        first,
+        total: t0.elapsed(),
+        max_gap,
+        lateness,
+    }
 }
 
 fn cpu_ticks(pid: u32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let f: Vec<&str> = s.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+    let f: Vec<&str> = s
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
 }
 
 fn status_kb(pid: u32, field: &str) -> u64 {
@@ -442,9 +575,15 @@ fn pids_of(t: &Target) -> Vec<u32> {
     if t.name == "nginx" {
         // The workers: every process whose parent is the master.
         for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Ok(child) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
-            let status = std::fs::read_to_string(format!("/proc/{child}/status")).unwrap_or_default();
-            if status.lines().any(|l| l.strip_prefix("PPid:").map(str::trim) == Some(&pid.to_string())) {
+            let Ok(child) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let status =
+                std::fs::read_to_string(format!("/proc/{child}/status")).unwrap_or_default();
+            if status
+                .lines()
+                .any(|l| l.strip_prefix("PPid:").map(str::trim) == Some(&pid.to_string()))
+            {
                 v.push(child);
             }
         }
@@ -459,7 +598,11 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn pct(v: &mut [Duration], p: f64) -> Duration {
     v.sort();
-    if v.is_empty() { Duration::ZERO } else { v[((v.len() - 1) as f64 * p).round() as usize] }
+    if v.is_empty() {
+        Duration::ZERO
+    } else {
+        v[((v.len() - 1) as f64 * p).round() as usize]
+    }
 }
 
 fn us(d: Duration) -> f64 {
@@ -476,7 +619,11 @@ fn main() {
         .skip_while(|a| a != "--json")
         .nth(1)
         .unwrap_or_else(|| "target/bench/results.json".into());
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("rt");
     rt.block_on(run(quick, &out_path));
 }
 
@@ -498,17 +645,31 @@ async fn run(quick: bool, out_path: &str) {
     let (_proxy, proxy_t, _) = start_proxy(&plain_url, None);
     let (_proxy_tls, mut proxy_tls_t, _) = start_proxy(&tls_url, Some(&up.ca_pem));
     proxy_tls_t.name = "proxy".into();
-    let direct = Target { name: "direct".into(), port: up.addr.port(), headers: vec![("authorization".into(), format!("Bearer {KEY}"))], tls: None, pid: None };
+    let direct = Target {
+        name: "direct".into(),
+        port: up.addr.port(),
+        headers: vec![("authorization".into(), format!("Bearer {KEY}"))],
+        tls: None,
+        pid: None,
+    };
     let mut roots = rustls::RootCertStore::empty();
-    for c in <rustls_pki_types::CertificateDer as rustls_pki_types::pem::PemObject>::pem_slice_iter(up.ca_pem.as_bytes()) {
+    for c in <rustls_pki_types::CertificateDer as rustls_pki_types::pem::PemObject>::pem_slice_iter(
+        up.ca_pem.as_bytes(),
+    ) {
         roots.add(c.expect("pem")).expect("root");
     }
-    let client_tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .expect("v")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let direct_tls = Target { tls: Some(Arc::new(client_tls)), port: up.tls_addr.port(), ..direct.clone() };
+    let client_tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("v")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let direct_tls = Target {
+        tls: Some(Arc::new(client_tls)),
+        port: up.tls_addr.port(),
+        ..direct.clone()
+    };
     let nginx = start_nginx(up.addr);
     let mut targets = vec![direct.clone(), proxy_t.clone()];
     if let Some((_, t)) = &nginx {
@@ -517,14 +678,30 @@ async fn run(quick: bool, out_path: &str) {
 
     let mut results = serde_json::Map::new();
     let mut table: Vec<(String, String, f64, Option<f64>)> = Vec::new();
-    let mut rec = |row: &str, target: &str, value: f64, direct: Option<f64>, results: &mut serde_json::Map<String, Value>| {
-        results.entry(row.to_string()).or_insert_with(|| json!({})).as_object_mut().expect("obj").insert(target.to_string(), json!(value));
+    let mut rec = |row: &str,
+                   target: &str,
+                   value: f64,
+                   direct: Option<f64>,
+                   results: &mut serde_json::Map<String, Value>| {
+        results
+            .entry(row.to_string())
+            .or_insert_with(|| json!({}))
+            .as_object_mut()
+            .expect("obj")
+            .insert(target.to_string(), json!(value));
         table.push((row.to_string(), target.to_string(), value, direct));
     };
 
     // 1. Small POSTs: throughput at c = 1, 16, 64; latency at c = 1.
-    for (label, set) in [("http", targets.clone()), ("https", vec![direct_tls.clone(), proxy_tls_t.clone()])] {
-        let concs: &[usize] = if label == "http" { &[1, 16, 64] } else { &[1, 16] };
+    for (label, set) in [
+        ("http", targets.clone()),
+        ("https", vec![direct_tls.clone(), proxy_tls_t.clone()]),
+    ] {
+        let concs: &[usize] = if label == "http" {
+            &[1, 16, 64]
+        } else {
+            &[1, 16]
+        };
         for &c in concs {
             let mut rps: Vec<Vec<f64>> = vec![Vec::new(); set.len()];
             let mut p50: Vec<Vec<f64>> = vec![Vec::new(); set.len()];
@@ -539,10 +716,28 @@ async fn run(quick: bool, out_path: &str) {
             }
             let d_rps = median(rps[0].clone());
             for (i, t) in set.iter().enumerate() {
-                rec(&format!("{label} small POST c={c} req/s"), &t.name, median(rps[i].clone()), Some(d_rps), &mut results);
+                rec(
+                    &format!("{label} small POST c={c} req/s"),
+                    &t.name,
+                    median(rps[i].clone()),
+                    Some(d_rps),
+                    &mut results,
+                );
                 if c == 1 {
-                    rec(&format!("{label} small POST c=1 p50 µs"), &t.name, median(p50[i].clone()), Some(median(p50[0].clone())), &mut results);
-                    rec(&format!("{label} small POST c=1 p99 µs"), &t.name, median(p99[i].clone()), Some(median(p99[0].clone())), &mut results);
+                    rec(
+                        &format!("{label} small POST c=1 p50 µs"),
+                        &t.name,
+                        median(p50[i].clone()),
+                        Some(median(p50[0].clone())),
+                        &mut results,
+                    );
+                    rec(
+                        &format!("{label} small POST c=1 p99 µs"),
+                        &t.name,
+                        median(p99[i].clone()),
+                        Some(median(p99[0].clone())),
+                        &mut results,
+                    );
                 }
             }
         }
@@ -554,9 +749,14 @@ async fn run(quick: bool, out_path: &str) {
                 runs[i].push(sse_run(t, sse_n, gap, &fails).await);
             }
         }
-        let pick = |i: usize, f: &dyn Fn(&SseRun) -> Duration| median(runs[i].iter().map(|r| us(f(r)) / 1e3).collect());
+        let pick = |i: usize, f: &dyn Fn(&SseRun) -> Duration| {
+            median(runs[i].iter().map(|r| us(f(r)) / 1e3).collect())
+        };
         for (name, f) in [
-            ("time to headers ms", &(|r: &SseRun| r.headers) as &dyn Fn(&SseRun) -> Duration),
+            (
+                "time to headers ms",
+                &(|r: &SseRun| r.headers) as &dyn Fn(&SseRun) -> Duration,
+            ),
             ("time to first event ms", &|r: &SseRun| r.first),
             ("total ms", &|r: &SseRun| r.total),
             ("largest gap ms", &|r: &SseRun| r.max_gap),
@@ -564,7 +764,13 @@ async fn run(quick: bool, out_path: &str) {
         ] {
             let d = pick(0, f);
             for (i, t) in set.iter().enumerate() {
-                rec(&format!("{label} SSE {sse_n}x5ms {name}"), &t.name, pick(i, f), Some(d), &mut results);
+                rec(
+                    &format!("{label} SSE {sse_n}x5ms {name}"),
+                    &t.name,
+                    pick(i, f),
+                    Some(d),
+                    &mut results,
+                );
             }
         }
     }
@@ -580,7 +786,13 @@ async fn run(quick: bool, out_path: &str) {
     }
     let d = median(times[0].clone());
     for (i, t) in targets.iter().enumerate() {
-        rec("8 MiB body ms", &t.name, median(times[i].clone()), Some(d), &mut results);
+        rec(
+            "8 MiB body ms",
+            &t.name,
+            median(times[i].clone()),
+            Some(d),
+            &mut results,
+        );
     }
 
     // 5. CPU per 10,000 requests (c = 16).
@@ -617,7 +829,10 @@ async fn run(quick: bool, out_path: &str) {
         let mut open = Vec::new();
         for _ in 0..n_open {
             let mut s = connect(t).await;
-            let resp = s.send_request(request(t, "hold", Bytes::from_static(b"{}"))).await.expect("hold");
+            let resp = s
+                .send_request(request(t, "hold", Bytes::from_static(b"{}")))
+                .await
+                .expect("hold");
             let mut b = resp.into_body();
             let _ = b.frame().await;
             open.push((s, b));
@@ -627,20 +842,50 @@ async fn run(quick: bool, out_path: &str) {
         up.release.notify_waiters();
         drop(open);
         let peak = rss("VmHWM:");
-        rec(&format!("RSS MiB idle ({n_open} streams row)"), &t.name, idle, None, &mut results);
-        rec(&format!("RSS MiB with {n_open} open streams"), &t.name, all, None, &mut results);
+        rec(
+            &format!("RSS MiB idle ({n_open} streams row)"),
+            &t.name,
+            idle,
+            None,
+            &mut results,
+        );
+        rec(
+            &format!("RSS MiB with {n_open} open streams"),
+            &t.name,
+            all,
+            None,
+            &mut results,
+        );
         rec("RSS MiB peak", &t.name, peak, None, &mut results);
-        rec(&format!("threads with {n_open} open streams"), &t.name, threads, None, &mut results);
+        rec(
+            &format!("threads with {n_open} open streams"),
+            &t.name,
+            threads,
+            None,
+            &mut results,
+        );
     }
-    rec("launch to ready ms (median)", "proxy", median(startups), None, &mut results);
+    rec(
+        "launch to ready ms (median)",
+        "proxy",
+        median(startups),
+        None,
+        &mut results,
+    );
 
     // Report.
-    println!("{:<44} {:>8} {:>12} {:>12} {:>9}", "row", "target", "value", "direct", "ratio");
+    println!(
+        "{:<44} {:>8} {:>12} {:>12} {:>9}",
+        "row", "target", "value", "direct", "ratio"
+    );
     for (row, target, v, d) in &table {
         match d {
             Some(d) if target != "direct" => {
                 let ratio = if *d != 0.0 { v / d } else { 0.0 };
-                println!("{row:<44} {target:>8} {v:>12.2} {d:>12.2} {ratio:>8.2}x  (+{:.2})", v - d);
+                println!(
+                    "{row:<44} {target:>8} {v:>12.2} {d:>12.2} {ratio:>8.2}x  (+{:.2})",
+                    v - d
+                );
             }
             _ => println!("{row:<44} {target:>8} {v:>12.2}"),
         }
@@ -648,7 +893,9 @@ async fn run(quick: bool, out_path: &str) {
     let failed = fails.0.load(Ordering::Relaxed);
     let sent = up.stats.requests.load(Ordering::Relaxed);
     let without = up.stats.without_key.load(Ordering::Relaxed);
-    println!("upstream requests: {sent}; without the injected key: {without}; failed or non-2xx: {failed}");
+    println!(
+        "upstream requests: {sent}; without the injected key: {without}; failed or non-2xx: {failed}"
+    );
     for f in fails.1.lock().expect("lock").iter() {
         println!("  failure: {f}");
     }
@@ -656,9 +903,16 @@ async fn run(quick: bool, out_path: &str) {
     if let Some(parent) = std::path::Path::new(out_path).parent() {
         let _ = std::fs::create_dir_all(parent);
     }
-    std::fs::write(out_path, serde_json::to_vec_pretty(&Value::Object(results)).expect("json")).expect("write json");
+    std::fs::write(
+        out_path,
+        serde_json::to_vec_pretty(&Value::Object(results)).expect("json"),
+    )
+    .expect("write json");
     println!("results: {out_path}");
     drop(nginx);
     assert_eq!(failed, 0, "requests failed or were not 2xx");
-    assert_eq!(without, 0, "the upstream saw requests without the injected key");
+    assert_eq!(
+        without, 0,
+        "the upstream saw requests without the injected key"
+    );
 }

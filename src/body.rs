@@ -229,7 +229,8 @@ enum StreamEnd {
 
 /// The upstream's response body on its way to the client.
 pub struct ResponseStream {
-    inner: Incoming,
+    /// The upstream body (taken on drop to drain a finished h2 stream).
+    inner: Option<Incoming>,
     idle: Duration,
     sleep: Pin<Box<Sleep>>,
     end: StreamEnd,
@@ -255,7 +256,7 @@ impl ResponseStream {
         dump: Option<ResponseDump>,
     ) -> Self {
         Self {
-            inner,
+            inner: Some(inner),
             idle,
             sleep: Box::pin(tokio::time::sleep(idle)),
             end: StreamEnd::Open,
@@ -282,7 +283,7 @@ impl Drop for ResponseStream {
         let (outcome, broken) = match self.end {
             // hyper stops polling once it has sent `Content-Length` bytes.
             StreamEnd::Complete => ("ok", None),
-            StreamEnd::Open if self.inner.is_end_stream() => ("ok", None),
+            StreamEnd::Open if self.inner.as_ref().is_none_or(Body::is_end_stream) => ("ok", None),
             StreamEnd::Open => ("client_closed", Some("the client went away before the end")),
             StreamEnd::UpstreamBroke => {
                 ("upstream_broke", Some("the upstream broke off the stream"))
@@ -294,6 +295,20 @@ impl Drop for ResponseStream {
         };
         if let Some(mut d) = self.dump.take() {
             d.finish(broken);
+        }
+        // Every byte the upstream declared has been sent, but hyper stopped polling before
+        // the upstream's end-of-stream arrived. Read that end in the background instead of
+        // dropping the body: on HTTP/2 a drop cancels the stream (RST_STREAM), and h2 closes a
+        // connection that has cancelled too many; on HTTP/1 the connection returns to the
+        // pool. A body that still has bytes to come (client gone) is dropped, which cancels
+        // the upstream request at once.
+        if let Some(inner) = self.inner.take()
+            && self.end == StreamEnd::Open
+            && !inner.is_end_stream()
+            && inner.size_hint().exact() == Some(0)
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            rt.spawn(drain(inner));
         }
         self.record.outcome = outcome;
         self.record.duration = self.start.elapsed();
@@ -313,8 +328,11 @@ impl Body for ResponseStream {
         if this.end != StreamEnd::Open {
             return Poll::Ready(None);
         }
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
         loop {
-            match Pin::new(&mut this.inner).poll_frame(cx) {
+            match Pin::new(&mut *inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     this.armed = false;
                     let frame = match frame.into_data() {
@@ -367,12 +385,28 @@ impl Body for ResponseStream {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.end != StreamEnd::Open || self.inner.is_end_stream()
+        self.end != StreamEnd::Open || self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
     }
+}
+
+/// Reads a body whose data is all delivered until its end arrives (bounded by one second
+/// and a handful of frames), so the upstream stream ends cleanly.
+async fn drain(mut body: Incoming) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        for _ in 0..8 {
+            match std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+                Some(Ok(_)) => {}
+                _ => return,
+            }
+        }
+    })
+    .await;
 }
 
 /// The body of every response the proxy sends to a client.

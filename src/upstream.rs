@@ -169,6 +169,10 @@ impl Upstream {
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(pool_idle_timeout)
+            // h2 closes a connection after this many streams reset by our side; clients
+            // that hang up mid-stream cancel theirs, and a long-lived connection must not
+            // be torn down (failing every request on it) because of that.
+            .http2_max_local_error_reset_streams(Some(1 << 16))
             .build(connector);
         Ok(Self {
             client,

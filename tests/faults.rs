@@ -408,15 +408,29 @@ async fn request_smuggling_shapes_get_400_and_nothing_is_forwarded() {
     let line = status_of(&out);
     assert!(line.starts_with("HTTP/1.1 400"), "bare LF: {line:?}");
     // The second request on a keep-alive connection is checked too.
-    let mut s = TcpStream::connect(("127.0.0.1", p.port)).await.expect("connect");
-    s.write_all(head(&p, "content-length: 2\r\n\r\n{}").as_bytes()).await.expect("first");
+    let mut s = TcpStream::connect(("127.0.0.1", p.port))
+        .await
+        .expect("connect");
+    s.write_all(head(&p, "content-length: 2\r\n\r\n{}").as_bytes())
+        .await
+        .expect("first");
     let mut buf = [0u8; 4096];
-    let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf)).await.expect("first answer").expect("read");
+    let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf))
+        .await
+        .expect("first answer")
+        .expect("read");
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
-    let second = head(&p, "content-length: 2\r\ntransfer-encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n");
+    let second = head(
+        &p,
+        "content-length: 2\r\ntransfer-encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+    );
     s.write_all(second.as_bytes()).await.expect("second");
     let (out, _) = read_all_within(&mut s, Duration::from_secs(3)).await;
-    assert!(status_of(&out).starts_with("HTTP/1.1 400"), "second on keep-alive: {:?}", status_of(&out));
+    assert!(
+        status_of(&out).starts_with("HTTP/1.1 400"),
+        "second on keep-alive: {:?}",
+        status_of(&out)
+    );
     assert_eq!(up.count(), 1, "only the clean first request was forwarded");
     let (status, _, _) = exchange(p.port, p.responses_request("{}")).await;
     assert_eq!(status, 200, "still serving");
@@ -543,4 +557,51 @@ async fn descriptor_exhaustion_backs_off_and_recovers() {
     }
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// Regression: hyper stops reading a response once `Content-Length` bytes are out, and on
+/// HTTP/2 dropping the rest cancelled the stream; after 1,024 such cancels h2 tore the
+/// pooled connection down (GOAWAY) and failed every request on it with 502. Found by the
+/// benchmark.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_sized_responses_over_one_h2_connection_all_succeed() {
+    let up =
+        MockUpstream::tls(|_| Reply::json(200, r#"{"ok":true}"#).header("content-length", "11"))
+            .await;
+    let dir = tempfile::tempdir().expect("dir");
+    let ca = write_file(dir.path(), "ca.pem", up.ca_pem.as_deref().expect("ca"));
+    let p = start_proxy(&[
+        "--upstream-url",
+        &up.url(),
+        "--upstream-ca",
+        ca.to_str().expect("utf8"),
+        "--log-level",
+        "warn",
+    ]);
+    // 16 clients at once, 1,250 requests each, all through the one pooled h2 connection.
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let (port, req) = (p.port, p.responses_request("{}"));
+        tasks.push(tokio::spawn(async move {
+            let s = TcpStream::connect(("127.0.0.1", port))
+                .await
+                .expect("connect");
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(s))
+                    .await
+                    .expect("hs");
+            tokio::spawn(conn);
+            for i in 0..1250 {
+                sender.ready().await.expect("ready");
+                let resp = sender.send_request(req.clone()).await.expect("send");
+                assert_eq!(resp.status(), 200, "request {i}");
+                let body = resp.into_body().collect().await.expect("body").to_bytes();
+                assert_eq!(body, Bytes::from_static(br#"{"ok":true}"#));
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("client");
+    }
+    assert_eq!(up.count(), 20_000);
 }

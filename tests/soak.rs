@@ -23,14 +23,20 @@ fn rss_kb(pid: u32) -> u64 {
 }
 
 fn fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).expect("fd dir").count()
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fd dir")
+        .count()
 }
 
 /// One keep-alive connection sending `ids` one after another.
 async fn worker(port: u16, host: String, token: String, ids: Vec<usize>) {
-    let s = TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
+    let s = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
     let _ = s.set_nodelay(true);
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(s)).await.expect("hs");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(s))
+        .await
+        .expect("hs");
     let conn = tokio::spawn(conn);
     for id in ids {
         let req = Request::post("/v1/responses")
@@ -39,8 +45,14 @@ async fn worker(port: u16, host: String, token: String, ids: Vec<usize>) {
             .header("x-proxy-token", &token)
             .body(Full::new(Bytes::from(format!("{{\"id\":{id}}}"))))
             .expect("req");
-        sender.ready().await.expect("connection ready for the next request");
-        let resp = tokio::time::timeout(Duration::from_secs(30), sender.send_request(req)).await.expect("in time").expect("send");
+        sender
+            .ready()
+            .await
+            .expect("connection ready for the next request");
+        let resp = tokio::time::timeout(Duration::from_secs(30), sender.send_request(req))
+            .await
+            .expect("in time")
+            .expect("send");
         assert_eq!(resp.status(), 200, "request {id}");
         let body = resp.into_body().collect().await.expect("body").to_bytes();
         assert_eq!(body, Bytes::from(format!("{{\"echo\":{id}}}")));
@@ -56,7 +68,14 @@ async fn ten_thousand_sequential_and_ten_thousand_concurrent() {
         Reply::json(200, &format!("{{\"echo\":{}}}", v["id"]))
     })
     .await;
-    let p = start_proxy(&["--upstream-url", &up.url(), "--upstream-pool-idle-timeout", "1s", "--log-level", "warn"]);
+    let p = start_proxy(&[
+        "--upstream-url",
+        &up.url(),
+        "--upstream-pool-idle-timeout",
+        "1s",
+        "--log-level",
+        "warn",
+    ]);
     let pid = p.child.id();
     let baseline_fds = fds(pid);
     let t0 = Instant::now();
@@ -83,12 +102,21 @@ async fn ten_thousand_sequential_and_ten_thousand_concurrent() {
     assert_eq!(reqs.len(), 20_000, "lost or duplicated upstream");
     let ids: HashSet<u64> = reqs
         .iter()
-        .map(|r| serde_json::from_slice::<serde_json::Value>(&r.body).expect("json")["id"].as_u64().expect("id"))
+        .map(|r| {
+            serde_json::from_slice::<serde_json::Value>(&r.body).expect("json")["id"]
+                .as_u64()
+                .expect("id")
+        })
         .collect();
     assert_eq!(ids.len(), 20_000, "duplicated upstream");
-    assert!(reqs.iter().all(|r| r.all("authorization") == [format!("Bearer {KEY}")]));
+    assert!(
+        reqs.iter()
+            .all(|r| r.all("authorization") == [format!("Bearer {KEY}")])
+    );
 
-    println!("soak: 20,000 exchanges in {elapsed:?}; RSS after 5k {rss_first} kB, after 10k {rss_second} kB, after 20k {rss_concurrent} kB; fds baseline {baseline_fds}");
+    println!(
+        "soak: 20,000 exchanges in {elapsed:?}; RSS after 5k {rss_first} kB, after 10k {rss_second} kB, after 20k {rss_concurrent} kB; fds baseline {baseline_fds}"
+    );
     assert!(
         rss_second as f64 <= rss_first as f64 * 1.10,
         "RSS grew from {rss_first} kB to {rss_second} kB over the second 5,000"
@@ -96,10 +124,14 @@ async fn ten_thousand_sequential_and_ten_thousand_concurrent() {
     // Client connections are closed; pooled upstream connections idle out after 1 s.
     let fds_now = Arc::new(std::sync::Mutex::new(0));
     let f = Arc::clone(&fds_now);
-    poll_until_async(Duration::from_secs(10), "descriptors back to baseline", move || {
-        let n = fds(pid);
-        *f.lock().expect("lock") = n;
-        (n <= baseline_fds).then_some(())
-    })
+    poll_until_async(
+        Duration::from_secs(10),
+        "descriptors back to baseline",
+        move || {
+            let n = fds(pid);
+            *f.lock().expect("lock") = n;
+            (n <= baseline_fds).then_some(())
+        },
+    )
     .await;
 }
