@@ -134,21 +134,12 @@ fn keys_of_every_valid_shape_are_accepted() {
 fn token_is_printed_once_without_server_info_and_differs_per_launch() {
     let mut tokens = Vec::new();
     for _ in 0..2 {
-        let mut child = std::process::Command::new(bin())
-            .args(["--upstream-url", UP])
-            .stdin(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn");
-        {
-            use std::io::Write;
-            child
-                .stdin
-                .take()
-                .expect("stdin")
-                .write_all(format!("{KEY}\n").as_bytes())
-                .expect("write");
-        }
+        let mut child = spawn_with_key(
+            std::process::Command::new(bin())
+                .args(["--upstream-url", UP])
+                .stderr(std::process::Stdio::piped()),
+            KEY,
+        );
         let err = capture(child.stderr.take().expect("stderr"));
         let line = poll_until(Duration::from_secs(10), "token line", || {
             let text = String::from_utf8_lossy(&err.lock().expect("lock")).into_owned();
@@ -249,26 +240,17 @@ fn existing_private_server_info_file_is_replaced() {
     let dir = tempfile::tempdir().expect("dir");
     let info = write_file(dir.path(), "info.json", "stale");
     std::fs::set_permissions(&info, std::fs::Permissions::from_mode(0o600)).expect("chmod");
-    let mut child = std::process::Command::new(bin())
-        .args([
-            "--upstream-url",
-            UP,
-            "--server-info",
-            info.to_str().expect("utf8"),
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn");
-    {
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(format!("{KEY}\n").as_bytes())
-            .expect("write");
-    }
+    let mut child = spawn_with_key(
+        std::process::Command::new(bin())
+            .args([
+                "--upstream-url",
+                UP,
+                "--server-info",
+                info.to_str().expect("utf8"),
+            ])
+            .stderr(std::process::Stdio::null()),
+        KEY,
+    );
     poll_until(Duration::from_secs(10), "new server-info", || {
         std::fs::read_to_string(&info)
             .ok()

@@ -443,29 +443,20 @@ async fn descriptor_exhaustion_backs_off_and_recovers() {
     // Run the proxy with a low descriptor limit.
     let dir = tempfile::tempdir().expect("dir");
     let info = dir.path().join("info.json");
-    let mut child = std::process::Command::new("prlimit")
-        .args([
-            "--nofile=48:48",
-            bin(),
-            "--upstream-url",
-            &url,
-            "--server-info",
-        ])
-        .arg(&info)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("prlimit");
-    {
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(format!("{KEY}\n").as_bytes())
-            .expect("key");
-    }
+    let mut child = spawn_with_key(
+        std::process::Command::new("prlimit")
+            .args([
+                "--nofile=48:48",
+                bin(),
+                "--upstream-url",
+                &url,
+                "--server-info",
+            ])
+            .arg(&info)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped()),
+        KEY,
+    );
     let err = capture(child.stderr.take().expect("stderr"));
     let v: serde_json::Value = poll_until(Duration::from_secs(10), "server-info", || {
         serde_json::from_str(&std::fs::read_to_string(&info).ok()?).ok()

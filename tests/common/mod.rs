@@ -475,6 +475,16 @@ pub fn start_proxy_with(args: &[&str], stdin: &str, env: &[(&str, &str)]) -> Pro
     }
 }
 
+/// Spawns `cmd` with piped stdin, writes `key` and a newline to it, and closes it.
+pub fn spawn_with_key(cmd: &mut Command, key: &str) -> Child {
+    let mut child = cmd.stdin(Stdio::piped()).spawn().expect("spawn");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin
+        .write_all(format!("{key}\n").as_bytes())
+        .expect("write key");
+    child
+}
+
 /// Reads a pipe to the end in a thread.
 pub fn capture(mut r: impl Read + Send + 'static) -> Arc<Mutex<Vec<u8>>> {
     let buf = Arc::new(Mutex::new(Vec::new()));
