@@ -114,6 +114,12 @@ async fn ten_thousand_sequential_and_ten_thousand_concurrent() {
             .all(|r| r.all("authorization") == [format!("Bearer {KEY}")])
     );
 
+    let opened = *up.state.connections.lock().expect("lock");
+    println!("soak: upstream connections opened: {opened}");
+    assert!(
+        opened <= 80,
+        "upstream connections are pooled, not opened per request: {opened}"
+    );
     println!(
         "soak: 20,000 exchanges in {elapsed:?}; RSS after 5k {rss_first} kB, after 10k {rss_second} kB, after 20k {rss_concurrent} kB; fds baseline {baseline_fds}"
     );
