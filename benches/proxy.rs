@@ -624,7 +624,47 @@ fn main() {
         .enable_all()
         .build()
         .expect("rt");
-    rt.block_on(run(quick, &out_path));
+    let cpu_only_n = std::env::args()
+        .skip_while(|a| a != "--cpu-only")
+        .nth(1)
+        .and_then(|v| v.parse().ok());
+    match cpu_only_n {
+        Some(n) => rt.block_on(cpu_only(n)),
+        None => rt.block_on(run(quick, &out_path)),
+    }
+}
+
+/// `--cpu-only N`: only the CPU row, N requests through the proxy (for profiling it).
+async fn cpu_only(n: usize) {
+    let up = start_upstream().await;
+    let fails = Arc::new(Failures::default());
+    let (_p, t, _) = start_proxy(&format!("http://{}/v1/responses", up.addr), None);
+    println!("proxy pid {}", t.pid.unwrap_or(0));
+    let before = cpu_ticks(t.pid.unwrap_or(0));
+    let t0 = Instant::now();
+    let body = Bytes::from(vec![b'x'; SMALL]);
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let (t, body, fails) = (t.clone(), body.clone(), Arc::clone(&fails));
+        tasks.push(tokio::spawn(async move {
+            let mut s = connect(&t).await;
+            for _ in 0..n / 16 {
+                one(&mut s, &t, "small", body.clone(), &fails).await;
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("task");
+    }
+    let ticks = cpu_ticks(t.pid.unwrap_or(0)) - before;
+    println!(
+        "{} requests in {:?}: proxy CPU {} ms = {:.1} ms per 10k; failures {}",
+        n / 16 * 16,
+        t0.elapsed(),
+        ticks * 10,
+        ticks as f64 * 10.0 * 10_000.0 / (n / 16 * 16) as f64,
+        fails.0.load(Ordering::Relaxed)
+    );
 }
 
 async fn run(quick: bool, out_path: &str) {
