@@ -109,11 +109,12 @@ async fn https_upstream_with_generated_ca() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn wrong_host_certificate_is_refused() {
+async fn a_ca_that_did_not_sign_the_certificate_is_not_trusted() {
     let tls = TestTls::for_names(&["not-this-host.example"]);
     let ca = tls.ca_pem.clone();
     drop(tls);
-    // A mock whose certificate names another host, signed by a CA we trust.
+    // The mock's certificate is signed by its own CA; the proxy is given another one.
+    // (A certificate for another host is tested in tests/faults.rs.)
     let up = MockUpstream::tls(|_| Reply::json(200, "{}")).await;
     let dir = tempfile::tempdir().expect("dir");
     // Trust a CA that did not sign the mock's certificate: still untrusted.
