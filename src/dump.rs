@@ -24,13 +24,18 @@ use crate::log::Logger;
 /// What stands in for a credential header's value.
 pub const REDACTED: &str = "[REDACTED]";
 
-/// Whether a header's value is a credential that must never be written to a dump.
+/// Whether a header's value may be a credential and must never be written to a dump: the
+/// named ones, and (erring on the side of redaction) any name containing `cookie`, `auth`,
+/// `token`, `secret` or ending in `key`.
 pub fn is_redacted_header(name: &str) -> bool {
     let name = name.to_ascii_lowercase();
     matches!(
         name.as_str(),
         "authorization" | "x-proxy-token" | "proxy-authorization" | "api-key"
-    ) || name.contains("cookie")
+    ) || ["cookie", "auth", "token", "secret"]
+        .iter()
+        .any(|w| name.contains(w))
+        || name.ends_with("key")
 }
 
 /// Headers as the dump records them, credentials redacted.
@@ -336,7 +341,13 @@ mod tests {
         ] {
             assert!(is_redacted_header(name), "{name}");
         }
-        for name in ["content-type", "x-request-id", "openai-organization"] {
+        for name in [
+            "content-type",
+            "x-request-id",
+            "openai-organization",
+            "session_id",
+            "openai-beta",
+        ] {
             assert!(!is_redacted_header(name), "{name}");
         }
     }

@@ -190,7 +190,14 @@ pub async fn serve(p: Prepared) -> Result<(), RunError> {
         }
     };
     let port_text = port.to_string();
-    let upstream_text = upstream.uri().to_string();
+    // Scheme, authority and path only: a query string may carry something private.
+    let uri = upstream.uri();
+    let upstream_text = format!(
+        "{}://{}{}",
+        uri.scheme_str().unwrap_or(""),
+        uri.authority().map_or("", |a| a.as_str()),
+        uri.path()
+    );
     logger.event(
         LogLevel::Info,
         "listening",

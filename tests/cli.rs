@@ -284,7 +284,7 @@ fn key_in_the_environment_is_wiped_and_warned_about() {
     let p = start_proxy_with(
         &["--upstream-url", UP],
         &format!("{KEY}\n"),
-        &[("MY_OPENAI_KEY", KEY), ("LD_PRELOAD_TEST_UNUSED", "x")],
+        &[("MY_OPENAI_KEY", KEY)],
     );
     let err = poll_until(Duration::from_secs(5), "warning", || {
         let t = p.stderr_text();
@@ -300,9 +300,8 @@ fn key_in_the_environment_is_wiped_and_warned_about() {
         !environ.windows(needle.len()).any(|w| w == needle),
         "key still in /proc/PID/environ"
     );
-    // Dynamic-loader variables are gone from the live environment too.
-    let status = std::fs::read_to_string(format!("/proc/{}/status", p.child.id())).expect("status");
-    assert!(status.contains("Name:"));
+    // (Removing LD_* variables changes only the live environment, which /proc does not
+    // show; that policy is covered by the unit table in hardening.rs.)
 }
 
 #[test]

@@ -71,6 +71,16 @@ async fn forwards_with_key_injected_and_headers_rewritten() {
     assert_eq!(r.body, body.as_bytes());
     let text = format!("{:?}{:?}", r.headers, String::from_utf8_lossy(&r.body));
     assert!(!text.contains(&p.token), "token reached the upstream");
+    // The start-up line names the upstream without its query string.
+    let log = p.stderr_text();
+    assert!(
+        log.contains(&format!(
+            "upstream=http://127.0.0.1:{}/v1/responses",
+            up.addr.port()
+        )),
+        "{log}"
+    );
+    assert!(!log.contains("api-version"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
