@@ -102,7 +102,11 @@ async fn upstream_handle(
         tokio::spawn(async move {
             let t0 = tokio::time::Instant::now();
             for i in 0..n {
-                tokio::time::sleep_until(t0 + Duration::from_micros(gap_us * i)).await;
+                // The first event goes at once (a zero-length sleep would still wait for
+                // the next tick of tokio's 1 ms timer wheel).
+                if i > 0 {
+                    tokio::time::sleep_until(t0 + Duration::from_micros(gap_us * i)).await;
+                }
                 let ev = format!(
                     "event: response.output_text.delta\ndata: {{\"i\":{i},\"delta\":\"token\"}}\n\n"
                 );
@@ -224,6 +228,17 @@ struct ProxyProc {
 
 impl Drop for ProxyProc {
     fn drop(&mut self) {
+        // SIGTERM first, so a profiler wrapping the proxy writes its output.
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -241,7 +256,16 @@ fn start_proxy(upstream_url: &str, ca: Option<&str>) -> (ProxyProc, Target, Dura
         "warn".into(),
         "--max-connections".into(),
         "4096".into(),
+        "--shutdown-grace".into(),
+        "1s".into(),
     ];
+    // BENCH_PROXY_ARGS="--worker-threads 1" passes extra flags (for experiments).
+    args.extend(
+        std::env::var("BENCH_PROXY_ARGS")
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(String::from),
+    );
     if let Some(ca) = ca {
         let p = dir.path().join("ca.pem");
         std::fs::write(&p, ca).expect("ca");
@@ -249,7 +273,18 @@ fn start_proxy(upstream_url: &str, ca: Option<&str>) -> (ProxyProc, Target, Dura
         args.push(p.to_string_lossy().into_owned());
     }
     let t0 = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_responses-api-proxy"))
+    // BENCH_PROXY_WRAPPER="valgrind --tool=callgrind" runs the proxy under a profiler.
+    let wrapper = std::env::var("BENCH_PROXY_WRAPPER").unwrap_or_default();
+    let mut words = wrapper.split_whitespace();
+    let mut cmd = match words.next() {
+        Some(w) => {
+            let mut c = Command::new(w);
+            c.args(words).arg(env!("CARGO_BIN_EXE_responses-api-proxy"));
+            c
+        }
+        None => Command::new(env!("CARGO_BIN_EXE_responses-api-proxy")),
+    };
+    let mut child = cmd
         .args(&args)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
@@ -262,7 +297,7 @@ fn start_proxy(upstream_url: &str, ca: Option<&str>) -> (ProxyProc, Target, Dura
         .expect("stdin")
         .write_all(format!("{KEY}\n").as_bytes())
         .expect("key");
-    let deadline = t0 + Duration::from_secs(10);
+    let deadline = t0 + Duration::from_secs(if wrapper.is_empty() { 10 } else { 120 });
     let v: Value = loop {
         if let Ok(t) = std::fs::read_to_string(&info)
             && let Ok(v) = serde_json::from_str(&t)
@@ -489,6 +524,11 @@ struct SseRun {
 
 async fn sse_run(t: &Target, n: u64, gap: Duration, fails: &Failures) -> SseRun {
     let mut s = connect(t).await;
+    sse_on(&mut s, t, n, gap, fails).await
+}
+
+/// One SSE exchange on an open connection.
+async fn sse_on(s: &mut Sender, t: &Target, n: u64, gap: Duration, fails: &Failures) -> SseRun {
     let t0 = Instant::now();
     let resp = s
         .send_request(request(
@@ -544,6 +584,22 @@ async fn sse_run(t: &Target, n: u64, gap: Duration, fails: &Failures) -> SseRun 
         max_gap,
         lateness,
     }
+}
+
+/// (user, system) clock ticks of `pid` so far.
+fn cpu_split(pid: u32) -> (u64, u64) {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let f: Vec<u64> = s
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    (
+        f.get(11).copied().unwrap_or(0),
+        f.get(12).copied().unwrap_or(0),
+    )
 }
 
 fn cpu_ticks(pid: u32) -> u64 {
@@ -628,10 +684,97 @@ fn main() {
         .skip_while(|a| a != "--cpu-only")
         .nth(1)
         .and_then(|v| v.parse().ok());
+    let sse_only = std::env::args().any(|a| a == "--sse-only");
     match cpu_only_n {
         Some(n) => rt.block_on(cpu_only(n)),
+        None if sse_only => rt.block_on(sse_only_run()),
+        None if std::env::args().any(|a| a == "--rss-only") => rt.block_on(rss_only_run()),
         None => rt.block_on(run(quick, &out_path)),
     }
+}
+
+struct StreamsRow {
+    idle: f64,
+    all: f64,
+    peak: f64,
+    threads: f64,
+}
+
+/// Opens `n_open` streams that the upstream holds open, measures, then releases them.
+async fn open_streams(t: &Target, n_open: usize, up: &Upstream) -> StreamsRow {
+    let pids = pids_of(t);
+    let rss = |f: &str| pids.iter().map(|&p| status_kb(p, f)).sum::<u64>() as f64 / 1024.0;
+    let idle = rss("VmRSS:");
+    let mut open = Vec::new();
+    for _ in 0..n_open {
+        let mut s = connect(t).await;
+        let resp = s
+            .send_request(request(t, "hold", Bytes::from_static(b"{}")))
+            .await
+            .expect("hold");
+        let mut b = resp.into_body();
+        let _ = b.frame().await;
+        open.push((s, b));
+    }
+    let all = rss("VmRSS:");
+    let threads = pids.iter().map(|&p| status_kb(p, "Threads:")).sum::<u64>() as f64;
+    up.release.notify_waiters();
+    drop(open);
+    StreamsRow {
+        idle,
+        all,
+        peak: rss("VmHWM:"),
+        threads,
+    }
+}
+
+/// `--rss-only`: 2 s of small POSTs at c=64 through the proxy, then the 256-streams row.
+async fn rss_only_run() {
+    let up = start_upstream().await;
+    let fails = Arc::new(Failures::default());
+    let (_p, t, _) = start_proxy(&format!("http://{}/v1/responses", up.addr), None);
+    small_load(&t, 64, Duration::from_secs(2), &fails).await;
+    let m = open_streams(&t, 256, &up).await;
+    println!(
+        "RSS MiB idle {:.2}, with 256 open streams {:.2}, peak {:.2}; threads {}; failures {}",
+        m.idle,
+        m.all,
+        m.peak,
+        m.threads,
+        fails.0.load(Ordering::Relaxed)
+    );
+}
+
+/// `--sse-only`: the SSE row alone (direct and proxy, 10 runs each, 20 events 5 ms apart),
+/// every run printed, for looking into time-to-first-event.
+async fn sse_only_run() {
+    let up = start_upstream().await;
+    let fails = Arc::new(Failures::default());
+    let (_p, proxy, _) = start_proxy(&format!("http://{}/v1/responses", up.addr), None);
+    let direct = Target {
+        name: "direct".into(),
+        port: up.addr.port(),
+        headers: vec![("authorization".into(), format!("Bearer {KEY}"))],
+        tls: None,
+        pid: None,
+    };
+    for _ in 0..10 {
+        for t in [&direct, &proxy] {
+            // A new connection, then a second exchange on the same connection.
+            let mut s = connect(t).await;
+            for conn in ["new", "reused"] {
+                let r = sse_on(&mut s, t, 20, Duration::from_millis(5), &fails).await;
+                println!(
+                    "{:>7} ({conn:>6} connection): headers {:.3} ms, first event {:.3} ms, largest gap {:.3} ms",
+                    t.name,
+                    us(r.headers) / 1e3,
+                    us(r.first) / 1e3,
+                    us(r.max_gap) / 1e3
+                );
+            }
+        }
+    }
+    println!("failures {}", fails.0.load(Ordering::Relaxed));
 }
 
 /// `--cpu-only N`: only the CPU row, N requests through the proxy (for profiling it).
@@ -657,12 +800,18 @@ async fn cpu_only(n: usize) {
         task.await.expect("task");
     }
     let ticks = cpu_ticks(t.pid.unwrap_or(0)) - before;
+    let (user, sys) = cpu_split(t.pid.unwrap_or(0));
+    let own = cpu_split(std::process::id());
     println!(
-        "{} requests in {:?}: proxy CPU {} ms = {:.1} ms per 10k; failures {}",
+        "{} requests in {:?}: proxy CPU {} ms = {:.1} ms per 10k (process totals: user {} ms, system {} ms); bench process (client + upstream) user {} ms, system {} ms; failures {}",
         n / 16 * 16,
         t0.elapsed(),
         ticks * 10,
         ticks as f64 * 10.0 * 10_000.0 / (n / 16 * 16) as f64,
+        user * 10,
+        sys * 10,
+        own.0 * 10,
+        own.1 * 10,
         fails.0.load(Ordering::Relaxed)
     );
 }
@@ -863,44 +1012,26 @@ async fn run(quick: bool, out_path: &str) {
     // 4. 256 open streams: RSS idle, all open, peak; threads.
     let n_open = if quick { 16 } else { 256 };
     for t in targets.iter().filter(|t| t.pid.is_some()) {
-        let pids = pids_of(t);
-        let rss = |f: &str| pids.iter().map(|&p| status_kb(p, f)).sum::<u64>() as f64 / 1024.0;
-        let idle = rss("VmRSS:");
-        let mut open = Vec::new();
-        for _ in 0..n_open {
-            let mut s = connect(t).await;
-            let resp = s
-                .send_request(request(t, "hold", Bytes::from_static(b"{}")))
-                .await
-                .expect("hold");
-            let mut b = resp.into_body();
-            let _ = b.frame().await;
-            open.push((s, b));
-        }
-        let all = rss("VmRSS:");
-        let threads = pids.iter().map(|&p| status_kb(p, "Threads:")).sum::<u64>() as f64;
-        up.release.notify_waiters();
-        drop(open);
-        let peak = rss("VmHWM:");
+        let m = open_streams(t, n_open, &up).await;
         rec(
             &format!("RSS MiB idle ({n_open} streams row)"),
             &t.name,
-            idle,
+            m.idle,
             None,
             &mut results,
         );
         rec(
             &format!("RSS MiB with {n_open} open streams"),
             &t.name,
-            all,
+            m.all,
             None,
             &mut results,
         );
-        rec("RSS MiB peak", &t.name, peak, None, &mut results);
+        rec("RSS MiB peak", &t.name, m.peak, None, &mut results);
         rec(
             &format!("threads with {n_open} open streams"),
             &t.name,
-            threads,
+            m.threads,
             None,
             &mut results,
         );

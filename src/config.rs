@@ -63,6 +63,12 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 1024)]
     pub max_connections: usize,
 
+    /// Threads serving connections. Each runs its own event loop, accepts its own
+    /// connections and keeps its own upstream connection pool, so a request never hops
+    /// between threads.
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    pub worker_threads: usize,
+
     /// Time allowed to connect to the upstream, TLS handshake included (504 after it).
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub upstream_connect_timeout: Duration,
@@ -155,6 +161,8 @@ pub struct Config {
     pub max_header_size: usize,
     /// Most open client connections.
     pub max_connections: usize,
+    /// Threads serving connections (1..=64).
+    pub worker_threads: usize,
     /// Upstream connect (TCP + TLS) timeout.
     pub upstream_connect_timeout: Duration,
     /// Upstream idle timeout.
@@ -293,6 +301,11 @@ impl Config {
         if args.max_connections == 0 {
             return Err(ConfigError::Zero("--max-connections"));
         }
+        if !(1..=64).contains(&args.worker_threads) {
+            return Err(ConfigError::OutOfRange(
+                "--worker-threads must be between 1 and 64",
+            ));
+        }
         if args.max_request_body == 0 {
             return Err(ConfigError::Zero("--max-request-body"));
         }
@@ -313,6 +326,7 @@ impl Config {
             max_request_body: args.max_request_body,
             max_header_size: args.max_header_size as usize,
             max_connections: args.max_connections,
+            worker_threads: args.worker_threads,
             upstream_connect_timeout: nonzero(
                 args.upstream_connect_timeout,
                 "--upstream-connect-timeout",
@@ -422,6 +436,19 @@ mod tests {
             Some(ConfigError::Zero("--upstream-idle-timeout"))
         );
         assert!(Config::from_args(args(&["--max-header-size", "10"])).is_err());
+        assert_eq!(c.worker_threads, 2);
+        for bad in ["0", "65"] {
+            assert!(matches!(
+                Config::from_args(args(&["--worker-threads", bad])),
+                Err(ConfigError::OutOfRange(_))
+            ));
+        }
+        assert_eq!(
+            Config::from_args(args(&["--worker-threads", "1"]))
+                .map(|c| c.worker_threads)
+                .ok(),
+            Some(1)
+        );
         assert!(Args::try_parse_from(["x", "--port", "70000"]).is_err());
         assert!(Args::try_parse_from(["x", "--log-format", "xml"]).is_err());
         assert!(Args::try_parse_from(["x", "--bogus"]).is_err());

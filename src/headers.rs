@@ -25,15 +25,21 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     HeaderName::from_static("proxy-connection"),
 ];
 
-/// Removes the hop-by-hop set and every header named in `Connection`.
-fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    let listed: Vec<HeaderName> = headers
+/// The header names listed in `Connection` (none, without allocating, when it is absent).
+fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
         .get_all(CONNECTION)
         .iter()
         .flat_map(|v| v.as_bytes().split(|&b| b == b','))
         .filter_map(|name| HeaderName::from_bytes(name.trim_ascii()).ok())
-        .collect();
-    for name in listed.iter().chain(HOP_BY_HOP.iter()) {
+        .collect()
+}
+
+/// Removes every header `doomed` picks, finding them in one pass over the names (most
+/// heads have few or none to remove, and each removal costs a lookup).
+fn remove_where(headers: &mut HeaderMap, doomed: impl Fn(&HeaderName) -> bool) {
+    let picked: Vec<HeaderName> = headers.keys().filter(|n| doomed(n)).cloned().collect();
+    for name in &picked {
         headers.remove(name);
     }
 }
@@ -53,15 +59,10 @@ fn is_stripped_request_header(name: &HeaderName) -> bool {
 /// The headers to send upstream: the client's, rewritten, with `authorization` set to the
 /// operator's key (`Host` is set by the HTTP client from the upstream URL).
 pub fn to_upstream(mut headers: HeaderMap, authorization: HeaderValue) -> HeaderMap {
-    remove_hop_by_hop(&mut headers);
-    let stripped: Vec<HeaderName> = headers
-        .keys()
-        .filter(|name| is_stripped_request_header(name))
-        .cloned()
-        .collect();
-    for name in &stripped {
-        headers.remove(name);
-    }
+    let listed = connection_listed(&headers);
+    remove_where(&mut headers, |n| {
+        HOP_BY_HOP.contains(n) || is_stripped_request_header(n) || listed.contains(n)
+    });
     headers.insert(AUTHORIZATION, authorization);
     headers
 }
@@ -69,8 +70,10 @@ pub fn to_upstream(mut headers: HeaderMap, authorization: HeaderValue) -> Header
 /// The headers to send to the client: the upstream's minus the hop-by-hop set (and
 /// `Proxy-Authenticate`, which is addressed to us, not to the client).
 pub fn to_client(mut headers: HeaderMap) -> HeaderMap {
-    remove_hop_by_hop(&mut headers);
-    headers.remove(PROXY_AUTHENTICATE);
+    let listed = connection_listed(&headers);
+    remove_where(&mut headers, |n| {
+        HOP_BY_HOP.contains(n) || *n == PROXY_AUTHENTICATE || listed.contains(n)
+    });
     headers
 }
 

@@ -149,8 +149,32 @@ pub fn prepare(config: Config, key: ApiKey) -> Result<Prepared, RunError> {
     })
 }
 
+/// A single-threaded event loop: one per worker thread, and one for the main thread
+/// (which is also worker 0 and handles signals).
+fn event_loop() -> Result<tokio::runtime::Runtime, RunError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(8)
+        .build()
+        .map_err(|e| RunError::Runtime(format!("cannot start the async runtime: {e}")))
+}
+
+/// Resolves with the grace period once shutdown has been decided (at once, with no grace,
+/// if the deciding side is gone).
+async fn drain_signal(mut rx: watch::Receiver<Option<Duration>>) -> Duration {
+    match rx.wait_for(Option::is_some).await {
+        Ok(grace) => grace.unwrap_or_default(),
+        Err(_) => Duration::ZERO,
+    }
+}
+
 /// Binds, announces, serves until SIGTERM/SIGINT or `GET /shutdown`, then cleans up.
-pub async fn serve(p: Prepared) -> Result<(), RunError> {
+///
+/// `--worker-threads` threads serve connections, the calling thread being the first. Each
+/// runs its own single-threaded event loop, accepts from its own descriptor of the one
+/// listening socket and keeps its own upstream pool, so a request is handled start to end
+/// on one thread with no cross-thread wake-ups.
+pub fn serve(p: Prepared) -> Result<(), RunError> {
     let Prepared {
         config,
         key,
@@ -159,78 +183,142 @@ pub async fn serve(p: Prepared) -> Result<(), RunError> {
         dumper,
         logger,
     } = p;
+    let main_loop = event_loop()?;
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, config.port));
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| RunError::Listen { addr, source })?;
+    let listener =
+        std::net::TcpListener::bind(addr).map_err(|source| RunError::Listen { addr, source })?;
     let port = listener
         .local_addr()
-        .map_err(|source| RunError::Listen { addr, source })?
-        .port();
+        .and_then(|a| listener.set_nonblocking(true).map(|()| a.port()))
+        .map_err(|source| RunError::Listen { addr, source })?;
 
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| RunError::Runtime(format!("cannot handle SIGTERM: {e}")))?;
-    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-        .map_err(|e| RunError::Runtime(format!("cannot handle SIGINT: {e}")))?;
+    let (sigterm, sigint) = {
+        let _in_loop = main_loop.enter();
+        let sig = |kind, name: &str| {
+            tokio::signal::unix::signal(kind)
+                .map_err(|e| RunError::Runtime(format!("cannot handle {name}: {e}")))
+        };
+        (
+            sig(tokio::signal::unix::SignalKind::terminate(), "SIGTERM")?,
+            sig(tokio::signal::unix::SignalKind::interrupt(), "SIGINT")?,
+        )
+    };
+
+    let (stop_tx, stop_rx) = watch::channel(None);
+    let (drain_tx, drain_rx) = watch::channel(None::<Duration>);
+    let limits = server::ServerLimits {
+        max_connections: config.max_connections,
+        header_read_timeout: config.header_read_timeout,
+        max_header_size: config.max_header_size,
+    };
+    let cap = server::ConnectionCap::new(config.max_connections);
+    let upstream_text = upstream_for_log(upstream.uri());
+    let proxy = Arc::new(Proxy::new(&config, port, token, key, dumper, stop_tx));
+
+    let mut workers = Vec::with_capacity(config.worker_threads.saturating_sub(1));
+    for i in 1..config.worker_threads {
+        let event_loop = event_loop()?;
+        let listener = listener
+            .try_clone()
+            .map_err(|e| RunError::Runtime(format!("cannot share the listener: {e}")))?;
+        let (proxy, upstream) = (Arc::clone(&proxy), upstream.with_own_pool());
+        let (cap, drain) = (cap.clone(), drain_rx.clone());
+        let worker = std::thread::Builder::new()
+            .name(format!("worker-{i}"))
+            .spawn(move || {
+                event_loop.block_on(async move {
+                    match TcpListener::from_std(listener) {
+                        Ok(l) => {
+                            server::run(l, proxy, upstream, limits, cap, drain_signal(drain)).await
+                        }
+                        Err(e) => logger.event(
+                            LogLevel::Error,
+                            "a worker could not use the listener",
+                            &[("reason", &e.to_string())],
+                        ),
+                    }
+                });
+                event_loop.shutdown_timeout(Duration::from_millis(200));
+            })
+            .map_err(|e| RunError::Runtime(format!("cannot start a worker thread: {e}")))?;
+        workers.push(worker);
+    }
 
     let written = match &config.server_info {
         Some(path) => {
             let info = server_info::ServerInfo {
                 port,
                 pid: std::process::id(),
-                auth_token: token.as_str(),
+                auth_token: proxy.token().as_str(),
             };
             Some(server_info::write(path, &info)?)
         }
         None => {
             // The one place the token is printed: labelled, on its own line, only when
             // there is no server-info file to carry it.
-            eprintln!("proxy token: {}", token.as_str());
+            eprintln!("proxy token: {}", proxy.token().as_str());
             None
         }
     };
-    let port_text = port.to_string();
-    // Scheme, authority and path only: a query string may carry something private.
-    let uri = upstream.uri();
-    let upstream_text = format!(
-        "{}://{}{}",
-        uri.scheme_str().unwrap_or(""),
-        uri.authority().map_or("", |a| a.as_str()),
-        uri.path()
-    );
     logger.event(
         LogLevel::Info,
         "listening",
         &[
-            ("addr", &format!("127.0.0.1:{port_text}")),
+            ("addr", &format!("127.0.0.1:{port}")),
             ("upstream", &upstream_text),
         ],
     );
 
-    let (stop_tx, mut stop_rx) = watch::channel(None);
-    let limits = server::ServerLimits {
-        max_connections: config.max_connections,
-        header_read_timeout: config.header_read_timeout,
-        max_header_size: config.max_header_size,
-    };
     let grace = config.shutdown_grace;
-    let proxy = Arc::new(Proxy::new(
-        &config, port, token, key, upstream, dumper, stop_tx,
-    ));
-    let shutdown = async move {
-        tokio::select! {
-            _ = sigterm.recv() => { logger.event(LogLevel::Info, "SIGTERM received; shutting down", &[]); grace }
-            _ = sigint.recv() => { logger.event(LogLevel::Info, "SIGINT received; shutting down", &[]); grace }
-            _ = stop_rx.wait_for(|r| *r == Some(StopReason::HttpShutdown)) => {
-                logger.event(LogLevel::Info, "GET /shutdown received; shutting down", &[]);
-                grace.min(HTTP_SHUTDOWN_GRACE)
-            }
+    let result = main_loop.block_on(async move {
+        let listener = TcpListener::from_std(listener)
+            .map_err(|e| RunError::Runtime(format!("cannot use the listener: {e}")))?;
+        let shutdown = async move {
+            let grace = shutdown_requested(sigterm, sigint, stop_rx, grace, logger).await;
+            let _ = drain_tx.send(Some(grace));
+            grace
+        };
+        server::run(listener, proxy, upstream, limits, cap, shutdown).await;
+        Ok(())
+    });
+    // Each worker drains within the same grace period.
+    for worker in workers {
+        if worker.join().is_err() {
+            logger.event(LogLevel::Error, "a worker thread panicked", &[]);
         }
-    };
-    server::run(listener, proxy, limits, shutdown).await;
+    }
+    main_loop.shutdown_timeout(Duration::from_millis(200));
     if let Some(w) = written {
         w.remove();
     }
     logger.event(LogLevel::Info, "stopped", &[]);
-    Ok(())
+    result
+}
+
+/// Scheme, authority and path only: a query string may carry something private.
+fn upstream_for_log(uri: &http::Uri) -> String {
+    format!(
+        "{}://{}{}",
+        uri.scheme_str().unwrap_or(""),
+        uri.authority().map_or("", |a| a.as_str()),
+        uri.path()
+    )
+}
+
+/// Waits for SIGTERM, SIGINT or an authorised `GET /shutdown`; returns the grace period.
+async fn shutdown_requested(
+    mut sigterm: tokio::signal::unix::Signal,
+    mut sigint: tokio::signal::unix::Signal,
+    mut stop_rx: watch::Receiver<Option<StopReason>>,
+    grace: Duration,
+    logger: Logger,
+) -> Duration {
+    tokio::select! {
+        _ = sigterm.recv() => { logger.event(LogLevel::Info, "SIGTERM received; shutting down", &[]); grace }
+        _ = sigint.recv() => { logger.event(LogLevel::Info, "SIGINT received; shutting down", &[]); grace }
+        _ = stop_rx.wait_for(|r| *r == Some(StopReason::HttpShutdown)) => {
+            logger.event(LogLevel::Info, "GET /shutdown received; shutting down", &[]);
+            grace.min(HTTP_SHUTDOWN_GRACE)
+        }
+    }
 }

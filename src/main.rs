@@ -1,5 +1,5 @@
-//! The binary: harden, parse, read the key, build the runtime, serve, map the result to an
-//! exit code. No logic lives here.
+//! The binary: harden, parse, read the key, serve (which starts the worker threads), map
+//! the result to an exit code. No logic lives here.
 
 use std::process::ExitCode;
 
@@ -58,13 +58,5 @@ fn run() -> Result<(), RunError> {
         );
     }
     let prepared = responses_api_proxy::prepare(config, key)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .max_blocking_threads(16)
-        .enable_all()
-        .build()
-        .map_err(|e| RunError::Runtime(format!("cannot start the async runtime: {e}")))?;
-    let result = runtime.block_on(responses_api_proxy::serve(prepared));
-    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
-    result
+    responses_api_proxy::serve(prepared)
 }

@@ -37,7 +37,6 @@ pub struct Proxy {
     token: ProxyToken,
     http_shutdown: bool,
     key: ApiKey,
-    upstream: Upstream,
     max_request_body: u64,
     max_header_size: usize,
     body_read_timeout: Duration,
@@ -105,7 +104,6 @@ impl Proxy {
         port: u16,
         token: ProxyToken,
         key: ApiKey,
-        upstream: Upstream,
         dumper: Option<Dumper>,
         stop: watch::Sender<Option<StopReason>>,
     ) -> Self {
@@ -114,7 +112,6 @@ impl Proxy {
             token,
             http_shutdown: config.http_shutdown,
             key,
-            upstream,
             max_request_body: config.max_request_body,
             max_header_size: config.max_header_size,
             body_read_timeout: config.body_read_timeout,
@@ -125,13 +122,19 @@ impl Proxy {
         }
     }
 
+    /// The per-launch client token.
+    pub fn token(&self) -> &ProxyToken {
+        &self.token
+    }
+
     /// The logger.
     pub fn logger(&self) -> Logger {
         self.logger
     }
 
-    /// Handles one request. Never fails: every problem is a response.
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ProxyBody> {
+    /// Handles one request, forwarding through `upstream` (the calling worker's pool).
+    /// Never fails: every problem is a response.
+    pub async fn handle(&self, upstream: &Upstream, req: Request<Incoming>) -> Response<ProxyBody> {
         let start = Instant::now();
         let (parts, body) = req.into_parts();
         let mut record = AccessRecord {
@@ -184,7 +187,7 @@ impl Proxy {
                 let body = Bytes::from_static(b"{\"status\":\"shutting down\"}");
                 self.finish_fixed(&mut record, start, StatusCode::OK, "shutdown", body)
             }
-            Ok(Route::Responses) => self.forward(parts, body, start, record).await,
+            Ok(Route::Responses) => self.forward(upstream, parts, body, start, record).await,
         }
     }
 
@@ -206,6 +209,7 @@ impl Proxy {
 
     async fn forward(
         &self,
+        upstream: &Upstream,
         parts: http::request::Parts,
         body: Incoming,
         start: Instant,
@@ -216,13 +220,16 @@ impl Proxy {
             start,
             logger: self.logger,
         };
-        let resp = self.forward_inner(parts, body, start, record).await;
+        let resp = self
+            .forward_inner(upstream, parts, body, start, record)
+            .await;
         pending.record = None;
         resp
     }
 
     async fn forward_inner(
         &self,
+        upstream: &Upstream,
         parts: http::request::Parts,
         body: Incoming,
         start: Instant,
@@ -248,11 +255,11 @@ impl Proxy {
         );
         let mut up = Request::new(body);
         *up.method_mut() = Method::POST;
-        *up.uri_mut() = self.upstream.uri().clone();
+        *up.uri_mut() = upstream.uri().clone();
         *up.version_mut() = Version::HTTP_11;
         *up.headers_mut() = headers::to_upstream(parts.headers, self.key.header_value());
 
-        let result = self.await_head(up, &state).await;
+        let result = self.await_head(upstream, up, &state).await;
         record.bytes_in = state.bytes_in();
         let resp = match result {
             Ok(resp) => resp,
@@ -286,10 +293,11 @@ impl Proxy {
     /// client's request body makes progress, so a slow large upload is not cut.
     async fn await_head(
         &self,
+        upstream: &Upstream,
         up: Request<UpstreamRequestBody>,
         state: &ExchangeState,
     ) -> Result<Response<Incoming>, ProxyError> {
-        let fut = self.upstream.request(up);
+        let fut = upstream.request(up);
         tokio::pin!(fut);
         loop {
             let deadline = state.last_activity() + self.upstream_idle_timeout;

@@ -33,6 +33,7 @@ use crate::config::LogLevel;
 use crate::framing::{HeadSniffer, Verdict};
 use crate::gate::AmbiguousFraming;
 use crate::proxy::{Proxy, error_body};
+use crate::upstream::Upstream;
 
 /// Limits applied per connection and across connections.
 #[derive(Debug, Clone, Copy)]
@@ -48,20 +49,41 @@ pub struct ServerLimits {
 /// Most connections being turned away (503) at once; beyond that they are just closed.
 const MAX_REJECTING: usize = 64;
 
+/// The connection cap, shared by every worker thread.
+#[derive(Debug, Clone)]
+pub struct ConnectionCap {
+    permits: Arc<Semaphore>,
+    rejecting: Arc<Semaphore>,
+}
+
+impl ConnectionCap {
+    /// At most `max_connections` served at once, across all workers.
+    pub fn new(max_connections: usize) -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(max_connections)),
+            rejecting: Arc::new(Semaphore::new(MAX_REJECTING)),
+        }
+    }
+}
+
 /// How long to wait before accepting again after `accept` fails (e.g. out of descriptors).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-/// Serves `listener` until `shutdown` resolves with a grace period, then drains.
+/// One worker: serves the connections it accepts from `listener` (a descriptor it may
+/// share with other workers) until `shutdown` resolves with a grace period, then drains.
+/// Everything a connection needs, the upstream pool included, runs on the calling thread.
 pub async fn run(
     listener: TcpListener,
     proxy: Arc<Proxy>,
+    upstream: Upstream,
     limits: ServerLimits,
+    cap: ConnectionCap,
     shutdown: impl Future<Output = Duration>,
 ) {
     let logger = proxy.logger();
     let graceful = GracefulShutdown::new();
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
-    let rejecting = Arc::new(Semaphore::new(MAX_REJECTING));
+    let upstream = Arc::new(upstream);
+    let ConnectionCap { permits, rejecting } = cap;
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -107,16 +129,18 @@ pub async fn run(
                 let spare = stream.as_fd().try_clone_to_owned().ok().map(std::net::TcpStream::from);
                 let stats = Arc::new(ConnStats::default());
                 let proxy = Arc::clone(&proxy);
+                let upstream = Arc::clone(&upstream);
                 let svc_stats = Arc::clone(&stats);
                 let service = service_fn(move |req| {
                     let proxy = Arc::clone(&proxy);
+                    let upstream = Arc::clone(&upstream);
                     let stats = Arc::clone(&svc_stats);
                     async move {
                         let mut req = req;
                         if stats.ambiguous.swap(false, Ordering::Relaxed) {
                             req.extensions_mut().insert(AmbiguousFraming);
                         }
-                        let resp = proxy.handle(req).await;
+                        let resp = proxy.handle(&upstream, req).await;
                         Ok::<_, Infallible>(resp.map(|body| MarkOnEnd { body, stats: Some(stats) }))
                     }
                 });

@@ -97,6 +97,8 @@ pub type Connector = TimeoutConnector<HttpsConnector<HttpConnector>>;
 #[derive(Clone)]
 pub struct Upstream {
     client: Client<Connector, UpstreamRequestBody>,
+    connector: Connector,
+    pool_idle_timeout: Duration,
     uri: Uri,
 }
 
@@ -165,19 +167,21 @@ impl Upstream {
             inner: https,
             timeout: connect_timeout,
         };
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(pool_idle_timeout)
-            // h2 closes a connection after this many streams reset by our side; clients
-            // that hang up mid-stream cancel theirs, and a long-lived connection must not
-            // be torn down (failing every request on it) because of that.
-            .http2_max_local_error_reset_streams(Some(1 << 16))
-            .build(connector);
         Ok(Self {
-            client,
+            client: build_client(connector.clone(), pool_idle_timeout),
+            connector,
+            pool_idle_timeout,
             uri: target.uri.clone(),
         })
+    }
+
+    /// The same client with a pool of its own (TLS configuration and roots are shared),
+    /// for a worker thread: its upstream connections are driven on that thread only.
+    pub fn with_own_pool(&self) -> Self {
+        Self {
+            client: build_client(self.connector.clone(), self.pool_idle_timeout),
+            ..self.clone()
+        }
     }
 
     /// The URL requests go to.
@@ -195,6 +199,21 @@ impl Upstream {
     + 'static {
         self.client.request(req)
     }
+}
+
+fn build_client(
+    connector: Connector,
+    pool_idle_timeout: Duration,
+) -> Client<Connector, UpstreamRequestBody> {
+    Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(pool_idle_timeout)
+        // h2 closes a connection after this many streams reset by our side; clients that
+        // hang up mid-stream cancel theirs, and a long-lived connection must not be torn
+        // down (failing every request on it) because of that.
+        .http2_max_local_error_reset_streams(Some(1 << 16))
+        .build(connector)
 }
 
 /// Classifies a client error, for the status and the log.

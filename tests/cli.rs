@@ -52,6 +52,10 @@ fn bad_flags_exit_2_without_reading_the_key() {
         (&["--upstream-idle-timeout", "0s"], "greater than zero"),
         (&["--log-format", "xml"], "--log-format"),
         (
+            &["--worker-threads", "0"],
+            "--worker-threads must be between 1 and 64",
+        ),
+        (
             &["--upstream-ca", "/nonexistent/ca.pem", "--upstream-url", UP],
             "--upstream-ca",
         ),

@@ -88,11 +88,14 @@ async fn https_upstream_with_generated_ca() {
     let up = MockUpstream::tls(|_| Reply::json(200, "{}")).await;
     let dir = tempfile::tempdir().expect("dir");
     let ca = write_file(dir.path(), "ca.pem", up.ca_pem.as_deref().expect("ca"));
+    // One worker thread: each worker keeps its own pool, and this checks pooling.
     let p = start_proxy(&[
         "--upstream-url",
         &up.url(),
         "--upstream-ca",
         ca.to_str().expect("utf8"),
+        "--worker-threads",
+        "1",
     ]);
     let (status, _, body) = exchange(p.port, p.responses_request("{}")).await;
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
@@ -100,7 +103,7 @@ async fn https_upstream_with_generated_ca() {
     assert_eq!(reqs.len(), 1);
     assert_eq!(reqs[0].version, http::Version::HTTP_2, "ALPN negotiates h2");
     assert_eq!(reqs[0].all("authorization"), [format!("Bearer {KEY}")]);
-    // Two requests share the pooled TLS connection.
+    // Two requests (on two client connections) share the pooled TLS connection.
     let (status, _, _) = exchange(p.port, p.responses_request("{}")).await;
     assert_eq!(status, 200);
     assert_eq!(*up.state.connections.lock().expect("lock"), 1);
@@ -689,4 +692,29 @@ async fn access_log_lines_in_json() {
     assert_eq!(v["upstream_request_id"], "req_42");
     assert_eq!(v["outcome"], "ok");
     assert!(v["duration_ms"].is_number() && v["ttfb_ms"].is_number() && v["time"].is_string());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_threads_flag_sets_the_serving_threads() {
+    let up = MockUpstream::plain(|_| Reply::json(200, "{}")).await;
+    for n in [1usize, 3] {
+        let p = start_proxy(&[
+            "--upstream-url",
+            &up.url(),
+            "--worker-threads",
+            &n.to_string(),
+        ]);
+        // One event-loop thread per worker and nothing else (no dump dir: no file threads).
+        let threads = std::fs::read_dir(format!("/proc/{}/task", p.child.id()))
+            .expect("task dir")
+            .count();
+        assert_eq!(threads, n);
+        let tasks: Vec<_> = (0..24)
+            .map(|_| tokio::spawn(exchange(p.port, p.responses_request("{}"))))
+            .collect();
+        for t in tasks {
+            assert_eq!(t.await.expect("task").0, 200);
+        }
+    }
+    assert_eq!(up.count(), 48);
 }
