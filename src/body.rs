@@ -23,6 +23,7 @@ use tokio::time::Sleep;
 use crate::dump::{RequestDump, ResponseDump};
 use crate::log::{AccessRecord, Logger};
 use crate::mask::StreamMask;
+use crate::upstream::UpstreamBody;
 
 /// Errors surfaced to hyper (which then aborts the affected connection or request).
 pub type BoxError = Box<dyn StdError + Send + Sync>;
@@ -230,7 +231,7 @@ enum StreamEnd {
 /// The upstream's response body on its way to the client.
 pub struct ResponseStream {
     /// The upstream body (taken on drop to drain a finished h2 stream).
-    inner: Option<Incoming>,
+    inner: Option<UpstreamBody>,
     idle: Duration,
     sleep: Pin<Box<Sleep>>,
     end: StreamEnd,
@@ -247,7 +248,7 @@ pub struct ResponseStream {
 impl ResponseStream {
     /// Wraps `inner`; `record` is completed and logged when the stream is dropped.
     pub fn new(
-        inner: Incoming,
+        inner: UpstreamBody,
         mask: StreamMask,
         idle: Duration,
         start: Instant,
@@ -302,7 +303,7 @@ impl Drop for ResponseStream {
         // connection that has cancelled too many; on HTTP/1 the connection returns to the
         // pool. A body that still has bytes to come (client gone) is dropped, which cancels
         // the upstream request at once.
-        if let Some(inner) = self.inner.take()
+        if let Some(UpstreamBody::Pooled(inner)) = self.inner.take()
             && self.end == StreamEnd::Open
             && !inner.is_end_stream()
             && inner.size_hint().exact() == Some(0)
@@ -357,7 +358,7 @@ impl Body for ResponseStream {
                 }
                 Poll::Ready(Some(Err(e))) => {
                     this.end = StreamEnd::UpstreamBroke;
-                    return Poll::Ready(Some(Err(Box::new(e))));
+                    return Poll::Ready(Some(Err(e)));
                 }
                 Poll::Ready(None) => {
                     if let Some(rest) = this.mask.finish() {

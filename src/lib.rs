@@ -19,6 +19,8 @@
 //! | [`headers`] | pure: header rewriting both ways |
 //! | [`mask`] | pure: overwriting a reflected key in headers and streams |
 //! | [`upstream`] | TLS client, pool, connect timeout |
+//! | [`h1`] | pure: HTTP/1.1 heads, framing and chunked decoding for the plain upstream |
+//! | [`upstream_h1`] | the plain-`http` upstream: per-worker keep-alive pool, streaming body |
 //! | [`body`] | the streaming request and response bodies, their limits and timers |
 //! | [`proxy`] | one request: gate → forward → stream back |
 //! | [`server`] | listener, connection cap, graceful shutdown |
@@ -31,6 +33,7 @@ pub mod config;
 pub mod dump;
 pub mod framing;
 pub mod gate;
+pub mod h1;
 pub mod hardening;
 pub mod headers;
 pub mod log;
@@ -42,6 +45,7 @@ pub mod server_info;
 pub mod sys;
 pub mod token;
 pub mod upstream;
+pub mod upstream_h1;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;

@@ -22,7 +22,7 @@ use crate::log::{AccessRecord, Logger, sanitize_request_id};
 use crate::mask::{self, StreamMask};
 use crate::secret::ApiKey;
 use crate::token::ProxyToken;
-use crate::upstream::{self, Upstream, UpstreamFailure};
+use crate::upstream::{self, Upstream, UpstreamBody, UpstreamFailure};
 
 /// Why the proxy is stopping.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -296,7 +296,7 @@ impl Proxy {
         upstream: &Upstream,
         up: Request<UpstreamRequestBody>,
         state: &ExchangeState,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
         let fut = upstream.request(up);
         tokio::pin!(fut);
         loop {

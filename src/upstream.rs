@@ -25,6 +25,7 @@ use rustls_pki_types::pem::PemObject;
 
 use crate::body::UpstreamRequestBody;
 use crate::config::UpstreamTarget;
+use crate::upstream_h1::{H1Body, H1Failure, H1Pool};
 
 /// Why the upstream client could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -93,13 +94,77 @@ where
 /// The connector stack.
 pub type Connector = TimeoutConnector<HttpsConnector<HttpConnector>>;
 
-/// The pooled upstream client and its one target.
+/// How requests reach the upstream.
 #[derive(Clone)]
-pub struct Upstream {
+enum Transport {
+    /// https: the general pooled client (HTTP/2 or HTTP/1.1 over TLS).
+    Pooled(Box<Pooled>),
+    /// Plain http to a loopback upstream: the lean HTTP/1.1 path.
+    Plain(Arc<H1Pool>),
+}
+
+/// The general client and the connector it was built with.
+#[derive(Clone)]
+struct Pooled {
     client: Client<Connector, UpstreamRequestBody>,
     connector: Connector,
+}
+
+/// The upstream client (one per worker thread) and its one target.
+#[derive(Clone)]
+pub struct Upstream {
+    transport: Transport,
+    connect_timeout: Duration,
     pool_idle_timeout: Duration,
     uri: Uri,
+}
+
+/// Why an upstream request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// From the general pooled client.
+    #[error(transparent)]
+    Pooled(#[from] hyper_util::client::legacy::Error),
+    /// From the plain HTTP/1.1 path.
+    #[error(transparent)]
+    Plain(#[from] H1Failure),
+}
+
+/// The upstream's response body, from either transport.
+pub enum UpstreamBody {
+    /// From the general pooled client.
+    Pooled(hyper::body::Incoming),
+    /// From the plain HTTP/1.1 path.
+    Plain(H1Body),
+}
+
+impl http_body::Body for UpstreamBody {
+    type Data = bytes::Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, BoxError>>> {
+        match self.get_mut() {
+            UpstreamBody::Pooled(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            UpstreamBody::Plain(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Pooled(b) => b.is_end_stream(),
+            UpstreamBody::Plain(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            UpstreamBody::Pooled(b) => b.size_hint(),
+            UpstreamBody::Plain(b) => b.size_hint(),
+        }
+    }
 }
 
 /// How an upstream request failed.
@@ -167,9 +232,21 @@ impl Upstream {
             inner: https,
             timeout: connect_timeout,
         };
+        let transport = if target.tls {
+            Transport::Pooled(Box::new(Pooled {
+                client: build_client(connector.clone(), pool_idle_timeout),
+                connector,
+            }))
+        } else {
+            Transport::Plain(Arc::new(H1Pool::new(
+                &target.uri,
+                connect_timeout,
+                pool_idle_timeout,
+            )))
+        };
         Ok(Self {
-            client: build_client(connector.clone(), pool_idle_timeout),
-            connector,
+            transport,
+            connect_timeout,
             pool_idle_timeout,
             uri: target.uri.clone(),
         })
@@ -178,8 +255,19 @@ impl Upstream {
     /// The same client with a pool of its own (TLS configuration and roots are shared),
     /// for a worker thread: its upstream connections are driven on that thread only.
     pub fn with_own_pool(&self) -> Self {
+        let transport = match &self.transport {
+            Transport::Pooled(p) => Transport::Pooled(Box::new(Pooled {
+                client: build_client(p.connector.clone(), self.pool_idle_timeout),
+                connector: p.connector.clone(),
+            })),
+            Transport::Plain(_) => Transport::Plain(Arc::new(H1Pool::new(
+                &self.uri,
+                self.connect_timeout,
+                self.pool_idle_timeout,
+            ))),
+        };
         Self {
-            client: build_client(self.connector.clone(), self.pool_idle_timeout),
+            transport,
             ..self.clone()
         }
     }
@@ -189,15 +277,21 @@ impl Upstream {
         &self.uri
     }
 
-    /// Sends one request (its URI must be [`Upstream::uri`]).
-    pub fn request(
+    /// Sends one POST (its URI must be [`Upstream::uri`]).
+    pub async fn request(
         &self,
         req: http::Request<UpstreamRequestBody>,
-    ) -> impl Future<
-        Output = Result<http::Response<hyper::body::Incoming>, hyper_util::client::legacy::Error>,
-    > + Send
-    + 'static {
-        self.client.request(req)
+    ) -> Result<http::Response<UpstreamBody>, UpstreamError> {
+        match &self.transport {
+            Transport::Pooled(p) => Ok(p.client.request(req).await?.map(UpstreamBody::Pooled)),
+            Transport::Plain(pool) => {
+                let (parts, body) = req.into_parts();
+                Ok(pool
+                    .send(parts.headers, body)
+                    .await?
+                    .map(UpstreamBody::Plain))
+            }
+        }
     }
 }
 
@@ -217,7 +311,10 @@ fn build_client(
 }
 
 /// Classifies a client error, for the status and the log.
-pub fn classify(err: &hyper_util::client::legacy::Error) -> UpstreamFailure {
+pub fn classify(err: &UpstreamError) -> UpstreamFailure {
+    if let UpstreamError::Plain(H1Failure::ConnectTimeout) = err {
+        return UpstreamFailure::ConnectTimeout;
+    }
     let mut source: Option<&(dyn StdError + 'static)> = Some(err);
     while let Some(e) = source {
         if e.is::<ConnectTimeout>() {

@@ -118,6 +118,17 @@ async fn one_exchange(p_port: u16, token: &str, host: &str, kind: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_copy_of_the_key_at_rest_after_mixed_traffic() {
+    one_copy_at_rest(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_copy_of_the_key_at_rest_after_mixed_traffic_over_plain_http() {
+    one_copy_at_rest(false).await;
+}
+
+/// 1,008 mixed exchanges through an HTTPS (HTTP/2) or a plain (HTTP/1.1) upstream, then
+/// a scan of the proxy's memory: exactly one copy of the key once idle.
+async fn one_copy_at_rest(tls: bool) {
     if !is_root() {
         eprintln!("skipped: reading another process's memory needs root (CI runs as root)");
         return;
@@ -125,20 +136,25 @@ async fn one_copy_of_the_key_at_rest_after_mixed_traffic() {
     let key = random_key();
     let hold = Arc::new(Notify::new());
     let h = Arc::clone(&hold);
-    let up = MockUpstream::tls(move |r| mixed_reply(r, &h)).await;
+    let up = if tls {
+        MockUpstream::tls(move |r| mixed_reply(r, &h)).await
+    } else {
+        MockUpstream::plain(move |r| mixed_reply(r, &h)).await
+    };
     let dir = tempfile::tempdir().expect("dir");
-    let ca = write_file(dir.path(), "ca.pem", up.ca_pem.as_deref().expect("ca"));
-    let p = start_proxy_with(
-        &[
-            "--upstream-url",
-            &up.url(),
-            "--upstream-ca",
-            ca.to_str().expect("utf8"),
-            "--upstream-pool-idle-timeout",
-            "1s",
-        ],
-        &format!("{key}\n"),
-        &[],
+    let url = up.url();
+    let mut args = vec!["--upstream-url", &url, "--upstream-pool-idle-timeout", "1s"];
+    let ca;
+    if let Some(pem) = up.ca_pem.as_deref() {
+        ca = write_file(dir.path(), "ca.pem", pem)
+            .to_string_lossy()
+            .into_owned();
+        args.extend(["--upstream-ca", ca.as_str()]);
+    }
+    let p = start_proxy_with(&args, &format!("{key}\n"), &[]);
+    println!(
+        "upstream: {}",
+        if tls { "https (h2)" } else { "plain http/1.1" }
     );
     let pid = p.child.id();
     let bearer = format!("Bearer {key}");

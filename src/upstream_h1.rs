@@ -1,0 +1,474 @@
+//! The plain-`http` (loopback) upstream path: HTTP/1.1 over a small per-worker pool of
+//! keep-alive connections, written directly on the worker's event loop.
+//!
+//! Why not the general client: for a loopback upstream the proxy's own cost is the whole
+//! cost, and the general pooled client spends more per request on its pool (keyed maps,
+//! locks, a separate connection task and channels between the tasks) than on HTTP. Here a
+//! request is one buffer written to a socket the handler owns, and the response is parsed
+//! in place and streamed from that socket by the response body itself. HTTPS upstreams
+//! (HTTP/2 multiplexing, TLS session reuse) keep using the general client.
+//!
+//! Custody: the request head, the only buffer holding the key, is freed (and so wiped by
+//! the zeroing allocator) as soon as it is written; an idle pooled connection holds no
+//! buffer at all.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll, Waker, ready};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, Response};
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::body::{BoxError, UpstreamRequestBody};
+use crate::h1::{self, Chunked, Framing, H1Error};
+
+/// Most idle connections kept per worker.
+const MAX_IDLE: usize = 256;
+/// Read buffer reserved per read.
+const READ_CHUNK: usize = 8 << 10;
+
+/// Why a plain-upstream exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub enum H1Failure {
+    /// The TCP connect did not finish within `--upstream-connect-timeout`.
+    #[error("timed out connecting to the upstream")]
+    ConnectTimeout,
+    /// The TCP connect failed.
+    #[error("cannot connect to the upstream: {0}")]
+    Connect(io::Error),
+    /// Reading or writing the connection failed.
+    #[error("upstream connection failed: {0}")]
+    Io(io::Error),
+    /// The upstream closed the connection before a complete response head.
+    #[error("the upstream closed the connection before responding")]
+    Closed,
+    /// The upstream's bytes are not acceptable HTTP/1.1.
+    #[error(transparent)]
+    Protocol(#[from] H1Error),
+    /// The client's request body failed (too large, stalled, cut off).
+    #[error("the request body failed: {0}")]
+    Body(BoxError),
+}
+
+struct Idle {
+    stream: TcpStream,
+    since: Instant,
+}
+
+/// One worker's connections to the plain upstream.
+pub struct H1Pool {
+    host: String,
+    port: u16,
+    authority: String,
+    path_and_query: String,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    idle: Mutex<Vec<Idle>>,
+    reaper: AtomicBool,
+}
+
+impl std::fmt::Debug for H1Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("H1Pool")
+            .field("authority", &self.authority)
+            .finish_non_exhaustive()
+    }
+}
+
+impl H1Pool {
+    /// A pool for `uri` (http, loopback, validated by `config`).
+    pub fn new(uri: &http::Uri, connect_timeout: Duration, idle_timeout: Duration) -> Self {
+        let authority = uri.authority().map_or("", |a| a.as_str()).to_string();
+        let host = uri
+            .host()
+            .unwrap_or("")
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        Self {
+            host,
+            port: uri.port_u16().unwrap_or(80),
+            authority,
+            path_and_query: uri.path_and_query().map_or("/", |p| p.as_str()).to_string(),
+            connect_timeout,
+            idle_timeout,
+            idle: Mutex::new(Vec::new()),
+            reaper: AtomicBool::new(false),
+        }
+    }
+
+    /// A live idle connection, most recently used first; stale or closed ones are dropped.
+    fn checkout(&self) -> Option<TcpStream> {
+        let mut idle = self.idle.lock().ok()?;
+        while let Some(c) = idle.pop() {
+            if c.since.elapsed() >= self.idle_timeout {
+                continue;
+            }
+            // No readiness since the last (short) read: nothing arrived, not even a FIN.
+            let mut cx = Context::from_waker(Waker::noop());
+            if c.stream.poll_read_ready(&mut cx).is_pending() {
+                return Some(c.stream);
+            }
+            let mut probe = [0u8; 1];
+            match c.stream.try_read(&mut probe) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Some(c.stream),
+                // Closed by the upstream, or bytes nobody asked for: not reusable.
+                _ => continue,
+            }
+        }
+        None
+    }
+
+    fn checkin(self: &Arc<Self>, stream: TcpStream) {
+        let Ok(mut idle) = self.idle.lock() else {
+            return;
+        };
+        if idle.len() >= MAX_IDLE {
+            return;
+        }
+        idle.push(Idle {
+            stream,
+            since: Instant::now(),
+        });
+        drop(idle);
+        if !self.reaper.swap(true, Ordering::AcqRel)
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            rt.spawn(reap(Arc::downgrade(self)));
+        }
+    }
+
+    async fn connect(&self) -> Result<TcpStream, H1Failure> {
+        let stream = tokio::time::timeout(
+            self.connect_timeout,
+            TcpStream::connect((self.host.as_str(), self.port)),
+        )
+        .await
+        .map_err(|_| H1Failure::ConnectTimeout)?
+        .map_err(|e| {
+            if e.kind() == io::ErrorKind::TimedOut {
+                H1Failure::ConnectTimeout
+            } else {
+                H1Failure::Connect(e)
+            }
+        })?;
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+
+    /// Sends one request and returns the response head with a body streaming from the
+    /// connection. `headers` are the rewritten request headers (the key included).
+    pub async fn send(
+        self: &Arc<Self>,
+        headers: HeaderMap,
+        mut body: UpstreamRequestBody,
+    ) -> Result<Response<H1Body>, H1Failure> {
+        let length = body.size_hint().exact();
+        let mut head =
+            h1::encode_request_head(&self.path_and_query, &self.authority, &headers, length);
+        drop(headers);
+        // The head waits for the first body frame and goes out with it in one write (the
+        // upstream can do nothing with a head alone; the body's own stall timer and the
+        // caller's idle timer bound the wait).
+        let mut body_done = false;
+        match std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    frame_into(&mut head, &data, length.is_none());
+                }
+            }
+            Some(Err(e)) => return Err(H1Failure::Body(e)),
+            None => {
+                if length.is_none() {
+                    head.extend_from_slice(b"0\r\n\r\n");
+                }
+                body_done = true;
+            }
+        }
+        let mut stream = match self.checkout() {
+            Some(s) => s,
+            None => self.connect().await?,
+        };
+        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        let (head_in, sent) = {
+            let (mut rd, mut wr) = stream.split();
+            let writer = async {
+                wr.write_all(&head).await.map_err(H1Failure::Io)?;
+                drop(std::mem::take(&mut head));
+                if !body_done {
+                    write_body(&mut wr, &mut body, length.is_none()).await?;
+                }
+                Ok::<(), H1Failure>(())
+            };
+            let reader = read_head(&mut rd, &mut buf);
+            tokio::pin!(writer, reader);
+            let mut sent = false;
+            let mut write_error = None;
+            let head_in = loop {
+                tokio::select! {
+                    biased;
+                    r = &mut reader => break r,
+                    w = &mut writer, if !sent && write_error.is_none() => match w {
+                        Ok(()) => sent = true,
+                        Err(e @ H1Failure::Body(_)) => return Err(e),
+                        // The upstream may have answered and closed: read what it sent.
+                        Err(e) => write_error = Some(e),
+                    },
+                }
+            };
+            match (head_in, write_error) {
+                (Err(_), Some(w)) => return Err(w),
+                (r, _) => (r?, sent),
+            }
+        };
+        let framing = h1::response_framing(&head_in)?;
+        // A response that came before the whole request was sent ends the connection.
+        let reusable = sent && h1::keeps_alive(&head_in, framing);
+        let state = match framing {
+            Framing::Empty => BodyState::Done,
+            Framing::Length(n) => BodyState::Length(n),
+            Framing::Chunked => BodyState::Chunked(Chunked::default()),
+            Framing::UntilClose => BodyState::UntilClose,
+        };
+        let mut body = H1Body {
+            stream: Some(stream),
+            buf,
+            state,
+            reusable,
+            pool: Arc::clone(self),
+        };
+        if body.state == BodyState::Done {
+            body.finish();
+        }
+        let mut resp = Response::new(body);
+        *resp.status_mut() = head_in.status;
+        *resp.version_mut() = head_in.version;
+        *resp.headers_mut() = head_in.headers;
+        Ok(resp)
+    }
+}
+
+/// Closes idle connections once they have been idle for the pool's idle timeout; runs while
+/// there are idle connections.
+async fn reap(pool: Weak<H1Pool>) {
+    loop {
+        let Some(p) = pool.upgrade() else { return };
+        let wait = p.idle_timeout;
+        drop(p);
+        tokio::time::sleep(wait / 2).await;
+        let Some(p) = pool.upgrade() else { return };
+        let Ok(mut idle) = p.idle.lock() else { return };
+        idle.retain(|c| c.since.elapsed() < p.idle_timeout);
+        if idle.is_empty() {
+            p.reaper.store(false, Ordering::Release);
+            return;
+        }
+    }
+}
+
+/// Appends one body chunk in the chosen framing.
+fn frame_into(out: &mut Vec<u8>, data: &[u8], chunked: bool) {
+    if data.is_empty() {
+        return;
+    }
+    if chunked {
+        out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+        out.extend_from_slice(data);
+        out.extend_from_slice(b"\r\n");
+    } else {
+        out.extend_from_slice(data);
+    }
+}
+
+async fn write_body(
+    wr: &mut tokio::net::tcp::WriteHalf<'_>,
+    body: &mut UpstreamRequestBody,
+    chunked: bool,
+) -> Result<(), H1Failure> {
+    loop {
+        let frame = std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await;
+        match frame {
+            Some(Ok(frame)) => {
+                let Ok(data) = frame.into_data() else {
+                    continue; // request trailers are not forwarded
+                };
+                if data.is_empty() {
+                    continue;
+                }
+                if chunked {
+                    let size = format!("{:x}\r\n", data.len());
+                    wr.write_all(size.as_bytes()).await.map_err(H1Failure::Io)?;
+                    wr.write_all(&data).await.map_err(H1Failure::Io)?;
+                    wr.write_all(b"\r\n").await.map_err(H1Failure::Io)?;
+                } else {
+                    wr.write_all(&data).await.map_err(H1Failure::Io)?;
+                }
+            }
+            Some(Err(e)) => return Err(H1Failure::Body(e)),
+            None => {
+                if chunked {
+                    wr.write_all(b"0\r\n\r\n").await.map_err(H1Failure::Io)?;
+                }
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Reads until a final response head is complete; interim (1xx) heads are skipped.
+async fn read_head(
+    rd: &mut tokio::net::tcp::ReadHalf<'_>,
+    buf: &mut BytesMut,
+) -> Result<h1::ResponseHead, H1Failure> {
+    loop {
+        if let Some((head, len)) = h1::parse_response_head(buf)? {
+            let _ = buf.split_to(len);
+            if head.status.is_informational() {
+                if head.status == http::StatusCode::SWITCHING_PROTOCOLS {
+                    return Err(H1Error::UnexpectedUpgrade.into());
+                }
+                continue;
+            }
+            return Ok(head);
+        }
+        buf.reserve(READ_CHUNK);
+        if rd.read_buf(buf).await.map_err(H1Failure::Io)? == 0 {
+            return Err(if buf.is_empty() {
+                H1Failure::Closed
+            } else {
+                H1Failure::Protocol(H1Error::MalformedHead)
+            });
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum BodyState {
+    Length(u64),
+    Chunked(Chunked),
+    UntilClose,
+    Done,
+}
+
+/// A response body read straight from the upstream connection; the connection goes back
+/// to its pool the moment the body is complete (and is closed if the body is dropped
+/// before that, which is how a client's disconnect cancels the upstream request).
+pub struct H1Body {
+    stream: Option<TcpStream>,
+    buf: BytesMut,
+    state: BodyState,
+    reusable: bool,
+    pool: Arc<H1Pool>,
+}
+
+impl std::fmt::Debug for H1Body {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("H1Body")
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
+}
+
+impl H1Body {
+    fn finish(&mut self) {
+        self.state = BodyState::Done;
+        if let Some(stream) = self.stream.take()
+            && self.reusable
+            && self.buf.is_empty()
+        {
+            self.pool.checkin(stream);
+        }
+        self.buf = BytesMut::new();
+    }
+
+    /// Reads more from the upstream into `buf`: the number of bytes read (0 at its end).
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        let Some(stream) = self.stream.as_ref() else {
+            return Poll::Ready(Ok(0));
+        };
+        loop {
+            ready!(stream.poll_read_ready(cx))?;
+            self.buf.reserve(READ_CHUNK);
+            match stream.try_read_buf(&mut self.buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                r => return Poll::Ready(r),
+            }
+        }
+    }
+
+    fn fail(&mut self, e: impl Into<BoxError>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.state = BodyState::Done;
+        self.stream = None;
+        Poll::Ready(Some(Err(e.into())))
+    }
+}
+
+impl Body for H1Body {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        loop {
+            let available = match &mut this.state {
+                BodyState::Done => return Poll::Ready(None),
+                BodyState::Length(left) => {
+                    let n = usize::try_from(*left)
+                        .unwrap_or(usize::MAX)
+                        .min(this.buf.len());
+                    *left -= n as u64;
+                    n
+                }
+                BodyState::Chunked(dec) => match dec.next_data(&mut this.buf) {
+                    Ok(n) => n,
+                    Err(e) => return this.fail(e),
+                },
+                BodyState::UntilClose => this.buf.len(),
+            };
+            if available > 0 {
+                let data = this.buf.split_to(available).freeze();
+                if this.state == BodyState::Length(0) {
+                    // Complete: hand the connection back now (hyper may not poll again
+                    // once it has sent Content-Length bytes).
+                    this.finish();
+                }
+                return Poll::Ready(Some(Ok(Frame::data(data))));
+            }
+            if matches!(&this.state, BodyState::Chunked(dec) if dec.is_done()) {
+                this.finish();
+                return Poll::Ready(None);
+            }
+            match ready!(this.poll_fill(cx)) {
+                Ok(0) if this.state == BodyState::UntilClose => {
+                    this.state = BodyState::Done;
+                    this.stream = None;
+                    return Poll::Ready(None);
+                }
+                Ok(0) => return this.fail(H1Failure::Closed),
+                Ok(_) => {}
+                Err(e) => return this.fail(H1Failure::Io(e)),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.state == BodyState::Done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.state {
+            BodyState::Done => SizeHint::with_exact(0),
+            BodyState::Length(n) => SizeHint::with_exact(n),
+            _ => SizeHint::default(),
+        }
+    }
+}

@@ -1,0 +1,426 @@
+//! The plain-`http` upstream path (`src/upstream_h1.rs`): every response framing relayed
+//! exactly, ambiguous upstream framing refused, keep-alive reuse and its limits, idle
+//! connections closed, stale ones not reused, early answers ending the connection.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use http::Request;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Reads one request (head, then a `content-length` or chunked body) from `s`; `None` at
+/// end of stream.
+async fn read_request(s: &mut TcpStream, pending: &mut Vec<u8>) -> Option<Vec<u8>> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&pending[..end]).to_lowercase();
+            let body_len = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .and_then(|v| v.trim().parse::<usize>().ok());
+            let total = match body_len {
+                Some(n) => end + 4 + n,
+                None if head.contains("transfer-encoding: chunked") => {
+                    match pending.windows(5).position(|w| w == b"0\r\n\r\n") {
+                        Some(p) => p + 5,
+                        None => usize::MAX,
+                    }
+                }
+                None => end + 4,
+            };
+            if pending.len() >= total {
+                return Some(pending.drain(..total).collect());
+            }
+        }
+        let mut buf = [0u8; 65536];
+        let n = tokio::time::timeout_at(deadline.into(), s.read(&mut buf))
+            .await
+            .ok()?
+            .ok()?;
+        if n == 0 {
+            return None;
+        }
+        pending.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// An upstream that answers the i-th request it reads (over all connections) with
+/// `answers[i]`, keeping each connection open for more; counts connections.
+struct Scripted {
+    url: String,
+    connections: Arc<AtomicUsize>,
+    requests: Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+async fn scripted(answers: Vec<&'static [u8]>) -> Scripted {
+    let connections = Arc::new(AtomicUsize::new(0));
+    let requests = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (c, r) = (Arc::clone(&connections), Arc::clone(&requests));
+    let answers = Arc::new(answers);
+    let (addr, task) = raw_upstream(move |mut s| {
+        let (c, r, answers) = (Arc::clone(&c), Arc::clone(&r), Arc::clone(&answers));
+        async move {
+            c.fetch_add(1, Ordering::SeqCst);
+            let mut pending = Vec::new();
+            while let Some(req) = read_request(&mut s, &mut pending).await {
+                let i = {
+                    let mut r = r.lock().expect("lock");
+                    r.push(req);
+                    r.len() - 1
+                };
+                let Some(answer) = answers.get(i) else { return };
+                if s.write_all(answer).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    Scripted {
+        url: format!("http://127.0.0.1:{}/v1/responses", addr.port()),
+        connections,
+        requests,
+        _task: task,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_response_framing_is_relayed_exactly() {
+    let up = scripted(vec![
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 7\r\n\r\n{\"a\":1}",
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n\
+          5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-trailer: t\r\n\r\n",
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\nok",
+        b"HTTP/1.1 204 No Content\r\n\r\n",
+        b"HTTP/1.1 429 Too Many Requests\r\ncontent-length: 4\r\nretry-after: 1\r\n\r\nslow",
+        b"HTTP/1.0 200 OK\r\ncontent-length: 3\r\n\r\nold",
+    ])
+    .await;
+    let p = start_proxy(&["--upstream-url", &up.url, "--worker-threads", "1"]);
+    let want: [(u16, &[u8]); 6] = [
+        (200, b"{\"a\":1}"),
+        (200, b"hello world"),
+        (201, b"ok"),
+        (204, b""),
+        (429, b"slow"),
+        (200, b"old"),
+    ];
+    for (status, body) in want {
+        let (s, headers, b) = exchange(p.port, p.responses_request("{}")).await;
+        assert_eq!((s.as_u16(), b.as_slice()), (status, body));
+        assert!(
+            headers
+                .get("transfer-encoding")
+                .is_none_or(|v| v == "chunked")
+        );
+    }
+    // Keep-alive: one connection for the first five; the HTTP/1.0 answer is the last on it.
+    assert_eq!(up.connections.load(Ordering::SeqCst), 1);
+    let reqs = up.requests.lock().expect("lock").clone();
+    let first = String::from_utf8_lossy(&reqs[0]);
+    assert!(
+        first.starts_with("POST /v1/responses HTTP/1.1\r\nhost: 127.0.0.1:"),
+        "{first}"
+    );
+    assert!(
+        first.contains(&format!("authorization: Bearer {KEY}\r\n")),
+        "{first}"
+    );
+    assert!(first.ends_with("content-length: 2\r\n\r\n{}"), "{first}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_without_length_ends_with_the_connection() {
+    let (addr, _t) = raw_upstream(|mut s| async move {
+        let mut pending = Vec::new();
+        if read_request(&mut s, &mut pending).await.is_some() {
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nuntil the end")
+                .await;
+        }
+    })
+    .await;
+    let url = format!("http://127.0.0.1:{}/v1/responses", addr.port());
+    let p = start_proxy(&["--upstream-url", &url]);
+    let (status, _, body) = exchange(p.port, p.responses_request("{}")).await;
+    assert_eq!(
+        (status.as_u16(), body.as_slice()),
+        (200, &b"until the end"[..])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ambiguous_or_unsupported_upstream_framing_is_502() {
+    for answer in [
+        &b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n"[..],
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nabc",
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\nxx",
+        b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nx: a\r\n folded\r\n\r\n",
+    ] {
+        let up = scripted(vec![answer]).await;
+        let p = start_proxy(&["--upstream-url", &up.url]);
+        let (status, _, body) = exchange(p.port, p.responses_request("{}")).await;
+        assert_eq!(status, 502, "{}", String::from_utf8_lossy(answer));
+        assert_eq!(error_code(&body), "upstream_unavailable");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_chunked_body_breaks_the_client_stream() {
+    let up = scripted(vec![
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\nZZ\r\n",
+    ])
+    .await;
+    let p = start_proxy(&["--upstream-url", &up.url]);
+    let mut c = TcpStream::connect(("127.0.0.1", p.port))
+        .await
+        .expect("connect");
+    let req = format!(
+        "POST /v1/responses HTTP/1.1\r\nhost: {}\r\nx-proxy-token: {}\r\ncontent-type: \
+         application/json\r\ncontent-length: 2\r\n\r\n{{}}",
+        p.host(),
+        p.token
+    );
+    c.write_all(req.as_bytes()).await.expect("write");
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut got)).await;
+    assert!(read.is_ok(), "the proxy must close the client connection");
+    // Either nothing or a 200 head, but never a clean end of the chunked body.
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 200"),
+        "{text}"
+    );
+    assert!(!text.contains("0\r\n\r\n"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_close_and_early_answers_are_not_reused() {
+    // 1: `connection: close`. 2: a 413 sent before the request body was read.
+    let up = scripted(vec![
+        b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 1\r\n\r\na",
+        b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nb",
+        b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nc",
+    ])
+    .await;
+    let p = start_proxy(&["--upstream-url", &up.url, "--worker-threads", "1"]);
+    for want in [&b"a"[..], b"b", b"c"] {
+        let (status, _, body) = exchange(p.port, p.responses_request("{}")).await;
+        assert_eq!((status.as_u16(), body.as_slice()), (200, want));
+    }
+    // The first connection was closed after "a"; "b" and "c" shared the second.
+    assert_eq!(up.connections.load(Ordering::SeqCst), 2);
+
+    // An upstream that answers after the head, without reading a large body.
+    let seen = Arc::new(AtomicUsize::new(0));
+    let s2 = Arc::clone(&seen);
+    let (addr, _t) = raw_upstream(move |mut s| {
+        let seen = Arc::clone(&s2);
+        async move {
+            seen.fetch_add(1, Ordering::SeqCst);
+            let mut buf = vec![0u8; 4096];
+            let mut got = Vec::new();
+            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+            let _ = s
+                .write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 3\r\n\r\nbig")
+                .await;
+            // Hold the connection without reading: the request body cannot all be sent.
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            drop(s);
+        }
+    })
+    .await;
+    let url = format!("http://127.0.0.1:{}/v1/responses", addr.port());
+    let p = start_proxy(&["--upstream-url", &url, "--worker-threads", "1"]);
+    // Larger than what loopback socket buffers can hold between the proxy and the upstream.
+    let big = format!("{{\"input\":\"{}\"}}", "x".repeat(32 << 20));
+    for _ in 0..2 {
+        // A raw client: it keeps writing while it reads, as the early answer arrives.
+        let c = TcpStream::connect(("127.0.0.1", p.port))
+            .await
+            .expect("connect");
+        let (mut rd, mut wr) = c.into_split();
+        let head = format!(
+            "POST /v1/responses HTTP/1.1\r\nhost: {}\r\nx-proxy-token: {}\r\ncontent-type: \
+             application/json\r\ncontent-length: {}\r\n\r\n",
+            p.host(),
+            p.token,
+            big.len()
+        );
+        let body = big.clone();
+        let writer = tokio::spawn(async move {
+            let _ = wr.write_all(head.as_bytes()).await;
+            let _ = wr.write_all(body.as_bytes()).await;
+        });
+        let mut got = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut buf = [0u8; 4096];
+        while !got.ends_with(b"\r\n\r\nbig") {
+            match tokio::time::timeout_at(deadline.into(), rd.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+                _ => break,
+            }
+        }
+        writer.abort();
+        let text = String::from_utf8_lossy(&got);
+        assert!(
+            text.starts_with("HTTP/1.1 413"),
+            "{text}\n{}",
+            p.stderr_text()
+        );
+        assert!(text.ends_with("\r\n\r\nbig"), "{text}");
+    }
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        2,
+        "a half-sent request's connection was reused"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_close_and_stale_ones_are_not_reused() {
+    // The upstream answers one request per connection, then waits for the proxy to close
+    // (recording when) or closes itself on the second connection.
+    let closed_after = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let count = Arc::new(AtomicUsize::new(0));
+    let (ca, cc) = (Arc::clone(&closed_after), Arc::clone(&count));
+    let (addr, _t) = raw_upstream(move |mut s| {
+        let (closed_after, count) = (Arc::clone(&ca), Arc::clone(&cc));
+        async move {
+            let nth = count.fetch_add(1, Ordering::SeqCst);
+            let mut pending = Vec::new();
+            if read_request(&mut s, &mut pending).await.is_none() {
+                return;
+            }
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await;
+            let answered = Instant::now();
+            if nth == 1 {
+                return; // closes at once: the proxy must not reuse this one
+            }
+            let mut buf = [0u8; 64];
+            let r = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await;
+            if matches!(r, Ok(Ok(0))) {
+                closed_after.lock().expect("lock").push(answered.elapsed());
+            }
+        }
+    })
+    .await;
+    let url = format!("http://127.0.0.1:{}/v1/responses", addr.port());
+    let p = start_proxy(&[
+        "--upstream-url",
+        &url,
+        "--worker-threads",
+        "1",
+        "--upstream-pool-idle-timeout",
+        "1s",
+    ]);
+    // First connection: idles out and is closed by the proxy within about 1-1.5 s.
+    let (status, _, _) = exchange(p.port, p.responses_request("{}")).await;
+    assert_eq!(status, 200);
+    let idle = poll_until_async(Duration::from_secs(5), "idle close", || {
+        closed_after.lock().expect("lock").first().copied()
+    })
+    .await;
+    assert!(
+        idle >= Duration::from_millis(900) && idle < Duration::from_secs(3),
+        "{idle:?}"
+    );
+    // Second connection: the upstream closes it right after answering.
+    let (status, _, _) = exchange(p.port, p.responses_request("{}")).await;
+    assert_eq!(status, 200);
+    poll_until(Duration::from_secs(5), "second connection", || {
+        (count.load(Ordering::SeqCst) >= 2).then_some(())
+    });
+    // The next request must notice the close and use a fresh connection, not fail.
+    let (status, _, body) = exchange(p.port, p.responses_request("{}")).await;
+    assert_eq!((status.as_u16(), body.as_slice()), (200, &b"ok"[..]));
+    assert_eq!(count.load(Ordering::SeqCst), 3);
+}
+
+/// A request body of two chunks, `{"` and `}"`... sent with chunked framing.
+struct TwoChunks(u8);
+
+impl http_body::Body for TwoChunks {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        self.0 += 1;
+        std::task::Poll::Ready(match self.0 {
+            1 => Some(Ok(http_body::Frame::data(Bytes::from_static(b"{\"a\":")))),
+            2 => Some(Ok(http_body::Frame::data(Bytes::from_static(b"1}")))),
+            _ => None,
+        })
+    }
+}
+
+/// The payload of a chunked body (no extensions, no trailers).
+fn dechunk(mut wire: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = wire
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .expect("size line");
+        let size = usize::from_str_radix(std::str::from_utf8(&wire[..line_end]).expect("hex"), 16)
+            .expect("size");
+        wire = &wire[line_end + 2..];
+        if size == 0 {
+            assert_eq!(wire, b"\r\n");
+            return out;
+        }
+        out.extend_from_slice(&wire[..size]);
+        assert_eq!(&wire[size..size + 2], b"\r\n");
+        wire = &wire[size + 2..];
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_request_body_is_forwarded_chunked() {
+    let up = scripted(vec![b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"]).await;
+    let p = start_proxy(&["--upstream-url", &up.url]);
+    let req = Request::post("/v1/responses")
+        .header("host", p.host())
+        .header("content-type", "application/json")
+        .header("x-proxy-token", &p.token)
+        .body(TwoChunks(0))
+        .expect("req");
+    let stream = TcpStream::connect(("127.0.0.1", p.port))
+        .await
+        .expect("connect");
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .expect("handshake");
+    tokio::spawn(conn);
+    let resp = sender.send_request(req).await.expect("response");
+    assert_eq!(resp.status(), 200);
+    let reqs = up.requests.lock().expect("lock").clone();
+    let raw = &reqs[0];
+    let head_end = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("head") + 4;
+    let head = String::from_utf8_lossy(&raw[..head_end]).to_string();
+    assert!(
+        head.ends_with("transfer-encoding: chunked\r\n\r\n"),
+        "{head}"
+    );
+    assert!(!head.contains("content-length"), "{head}");
+    assert_eq!(dechunk(&raw[head_end..]), b"{\"a\":1}");
+}
