@@ -106,12 +106,34 @@ impl std::fmt::Display for Fault {
 
 impl StdError for Fault {}
 
+/// The idle timer, started from now if it is not running from the last progress already
+/// (created the first time it is needed).
+fn arm<'a>(
+    sleep: &'a mut Option<Pin<Box<Sleep>>>,
+    armed: &mut bool,
+    idle: Duration,
+) -> Pin<&'a mut Sleep> {
+    if !*armed {
+        *armed = true;
+        let deadline = tokio::time::Instant::now() + idle;
+        match sleep.as_mut() {
+            Some(s) => s.as_mut().reset(deadline),
+            None => *sleep = Some(Box::pin(tokio::time::sleep_until(deadline))),
+        }
+    }
+    // Set just above whenever it was not already.
+    sleep
+        .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)))
+        .as_mut()
+}
+
 /// The client's request body on its way upstream.
 pub struct UpstreamRequestBody {
     inner: Incoming,
     limit: u64,
     idle: Duration,
-    sleep: Pin<Box<Sleep>>,
+    /// Created on the first `Pending` (most small bodies never need it).
+    sleep: Option<Pin<Box<Sleep>>>,
     state: Arc<ExchangeState>,
     dump: Option<RequestDump>,
     done: bool,
@@ -132,7 +154,7 @@ impl UpstreamRequestBody {
             inner,
             limit,
             idle,
-            sleep: Box::pin(tokio::time::sleep(idle)),
+            sleep: None,
             state,
             dump,
             done: false,
@@ -195,13 +217,8 @@ impl Body for UpstreamRequestBody {
                 Poll::Ready(None)
             }
             Poll::Pending => {
-                if !this.armed {
-                    this.armed = true;
-                    this.sleep
-                        .as_mut()
-                        .reset(tokio::time::Instant::now() + this.idle);
-                }
-                ready!(this.sleep.as_mut().poll(cx));
+                let sleep = arm(&mut this.sleep, &mut this.armed, this.idle);
+                ready!(sleep.poll(cx));
                 this.fail(
                     BodyFault::Stalled,
                     "the client stopped sending its request body",
@@ -233,7 +250,8 @@ pub struct ResponseStream {
     /// The upstream body (taken on drop to drain a finished h2 stream).
     inner: Option<UpstreamBody>,
     idle: Duration,
-    sleep: Pin<Box<Sleep>>,
+    /// Created on the first `Pending`.
+    sleep: Option<Pin<Box<Sleep>>>,
     end: StreamEnd,
     start: Instant,
     record: AccessRecord,
@@ -259,7 +277,7 @@ impl ResponseStream {
         Self {
             inner: Some(inner),
             idle,
-            sleep: Box::pin(tokio::time::sleep(idle)),
+            sleep: None,
             end: StreamEnd::Open,
             start,
             record,
@@ -369,13 +387,8 @@ impl Body for ResponseStream {
                     return Poll::Ready(None);
                 }
                 Poll::Pending => {
-                    if !this.armed {
-                        this.armed = true;
-                        this.sleep
-                            .as_mut()
-                            .reset(tokio::time::Instant::now() + this.idle);
-                    }
-                    ready!(this.sleep.as_mut().poll(cx));
+                    let sleep = arm(&mut this.sleep, &mut this.armed, this.idle);
+                    ready!(sleep.poll(cx));
                     this.end = StreamEnd::UpstreamIdle;
                     return Poll::Ready(Some(Err(Box::new(Fault(
                         "the upstream sent nothing for too long",

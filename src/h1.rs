@@ -42,13 +42,17 @@ pub enum H1Error {
 
 /// Writes the request head: request line, `host`, the headers as given except any framing
 /// headers, then the framing the proxy chose for the body it will send.
+///
+/// `room` is extra capacity to reserve (for a first body chunk sent with the head).
 pub fn encode_request_head(
     path_and_query: &str,
     authority: &str,
     headers: &HeaderMap,
     body_length: Option<u64>,
+    room: usize,
 ) -> Vec<u8> {
     let size = 64
+        + room
         + path_and_query.len()
         + authority.len()
         + headers
@@ -92,46 +96,66 @@ pub struct ResponseHead {
     pub headers: HeaderMap,
 }
 
-/// Parses a response head at the start of `buf`: `Ok(None)` while incomplete, otherwise
-/// the head and its length in bytes.
-pub fn parse_response_head(buf: &[u8]) -> Result<Option<(ResponseHead, usize)>, H1Error> {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
-    let mut resp = httparse::Response::new(&mut fields);
-    let len = match resp.parse(buf) {
-        Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) if buf.len() > MAX_RESPONSE_HEAD => {
-            return Err(H1Error::HeadTooLarge);
-        }
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(httparse::Error::TooManyHeaders) => return Err(H1Error::HeadTooLarge),
-        Err(_) => return Err(H1Error::MalformedHead),
+/// Parses a response head at the start of `buf`: `Ok(None)` while incomplete; once
+/// complete, the head's bytes are split off `buf` and the header values share them (no copy
+/// per value).
+pub fn parse_response_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, H1Error> {
+    // Offsets of each name and value in `buf`, taken while httparse borrows it. (The field
+    // array is left uninitialised: httparse writes what it returns.)
+    let (len, code, minor, spans) = {
+        let mut fields: [std::mem::MaybeUninit<httparse::Header<'_>>; MAX_RESPONSE_HEADERS] =
+            [const { std::mem::MaybeUninit::uninit() }; MAX_RESPONSE_HEADERS];
+        let mut resp = httparse::Response::new(&mut []);
+        let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut resp,
+            buf,
+            &mut fields,
+        );
+        let len = match parsed {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) if buf.len() > MAX_RESPONSE_HEAD => {
+                return Err(H1Error::HeadTooLarge);
+            }
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(httparse::Error::TooManyHeaders) => return Err(H1Error::HeadTooLarge),
+            Err(_) => return Err(H1Error::MalformedHead),
+        };
+        let base = buf.as_ptr() as usize;
+        let spans: Vec<(usize, usize, usize, usize)> = resp
+            .headers
+            .iter()
+            .map(|f| {
+                let name = f.name.as_ptr() as usize - base;
+                let value = f.value.as_ptr() as usize - base;
+                (name, name + f.name.len(), value, value + f.value.len())
+            })
+            .collect();
+        (len, resp.code, resp.version, spans)
     };
     if len > MAX_RESPONSE_HEAD {
         return Err(H1Error::HeadTooLarge);
     }
-    let status = resp
-        .code
+    let status = code
         .and_then(|c| StatusCode::from_u16(c).ok())
         .ok_or(H1Error::MalformedHead)?;
-    let version = match resp.version {
+    let version = match minor {
         Some(0) => Version::HTTP_10,
         Some(1) => Version::HTTP_11,
         _ => return Err(H1Error::MalformedHead),
     };
-    let mut headers = HeaderMap::with_capacity(resp.headers.len());
-    for f in resp.headers.iter() {
-        let name = HeaderName::from_bytes(f.name.as_bytes()).map_err(|_| H1Error::MalformedHead)?;
-        let value = HeaderValue::from_bytes(f.value).map_err(|_| H1Error::MalformedHead)?;
+    let head = buf.split_to(len).freeze();
+    let mut headers = HeaderMap::with_capacity(spans.len());
+    for &(n0, n1, v0, v1) in &spans {
+        let name = HeaderName::from_bytes(&head[n0..n1]).map_err(|_| H1Error::MalformedHead)?;
+        let value = HeaderValue::from_maybe_shared(head.slice(v0..v1))
+            .map_err(|_| H1Error::MalformedHead)?;
         headers.append(name, value);
     }
-    Ok(Some((
-        ResponseHead {
-            status,
-            version,
-            headers,
-        },
-        len,
-    )))
+    Ok(Some(ResponseHead {
+        status,
+        version,
+        headers,
+    }))
 }
 
 /// How the response body is delimited (RFC 9112 §6.3, for a response to a POST).
@@ -362,11 +386,12 @@ impl Chunked {
 mod tests {
     use super::*;
 
+    fn parse(raw: &[u8]) -> Result<Option<ResponseHead>, H1Error> {
+        parse_response_head(&mut BytesMut::from(raw))
+    }
+
     fn head(raw: &str) -> ResponseHead {
-        parse_response_head(raw.as_bytes())
-            .expect("valid")
-            .expect("complete")
-            .0
+        parse(raw.as_bytes()).expect("valid").expect("complete")
     }
 
     #[test]
@@ -375,13 +400,13 @@ mod tests {
         h.insert("content-type", HeaderValue::from_static("application/json"));
         h.insert("content-length", HeaderValue::from_static("999"));
         h.insert("authorization", HeaderValue::from_static("Bearer sk-test"));
-        let out = encode_request_head("/v1/responses?x=1", "127.0.0.1:9", &h, Some(2));
+        let out = encode_request_head("/v1/responses?x=1", "127.0.0.1:9", &h, Some(2), 0);
         assert_eq!(
             String::from_utf8(out).expect("ascii"),
             "POST /v1/responses?x=1 HTTP/1.1\r\nhost: 127.0.0.1:9\r\ncontent-type: \
              application/json\r\nauthorization: Bearer sk-test\r\ncontent-length: 2\r\n\r\n"
         );
-        let out = encode_request_head("/", "h", &HeaderMap::new(), None);
+        let out = encode_request_head("/", "h", &HeaderMap::new(), None, 0);
         assert!(out.ends_with(b"transfer-encoding: chunked\r\n\r\n"));
     }
 
@@ -389,17 +414,14 @@ mod tests {
     fn response_heads() {
         let raw =
             "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nx-a: 1\r\nx-a: 2\r\n\r\nDATA";
-        let (h, len) = parse_response_head(raw.as_bytes())
+        let mut buf = BytesMut::from(raw.as_bytes());
+        let h = parse_response_head(&mut buf)
             .expect("valid")
             .expect("complete");
-        assert_eq!(&raw[len..], "DATA");
+        assert_eq!(&buf[..], b"DATA");
         assert_eq!(h.status, 200);
         assert_eq!(h.headers.get_all("x-a").iter().count(), 2);
-        assert!(
-            parse_response_head(b"HTTP/1.1 200 OK\r\nx: y\r\n")
-                .expect("ok")
-                .is_none()
-        );
+        assert!(parse(b"HTTP/1.1 200 OK\r\nx: y\r\n").expect("ok").is_none());
         for bad in [
             "HTTP/2 200 OK\r\n\r\n",
             "HTTP/1.1 2000 OK\r\n\r\n",
@@ -408,7 +430,7 @@ mod tests {
             "garbage\r\n\r\n",
         ] {
             assert_eq!(
-                parse_response_head(bad.as_bytes()).err(),
+                parse(bad.as_bytes()).err(),
                 Some(H1Error::MalformedHead),
                 "{bad:?}"
             );
@@ -417,15 +439,9 @@ mod tests {
             .map(|i| format!("x-{i}: 1\r\n"))
             .collect();
         let raw = format!("HTTP/1.1 200 OK\r\n{many}\r\n");
-        assert_eq!(
-            parse_response_head(raw.as_bytes()).err(),
-            Some(H1Error::HeadTooLarge)
-        );
+        assert_eq!(parse(raw.as_bytes()).err(), Some(H1Error::HeadTooLarge));
         let huge = format!("HTTP/1.1 200 OK\r\nx: {}", "a".repeat(MAX_RESPONSE_HEAD));
-        assert_eq!(
-            parse_response_head(huge.as_bytes()).err(),
-            Some(H1Error::HeadTooLarge)
-        );
+        assert_eq!(parse(huge.as_bytes()).err(), Some(H1Error::HeadTooLarge));
     }
 
     #[test]

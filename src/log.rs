@@ -20,7 +20,7 @@ pub struct Logger {
 #[derive(Debug, Clone, Default)]
 pub struct AccessRecord {
     /// Request method, as received (hyper has validated it as a token).
-    pub method: String,
+    pub method: http::Method,
     /// The route, or `<other>` for a path the proxy does not serve (never echoed raw).
     pub path: &'static str,
     /// Status sent to the client.

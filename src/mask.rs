@@ -20,10 +20,7 @@ fn occurrences(hay: &[u8], key: &[u8]) -> Vec<usize> {
     }
     let mut i = 0;
     while i + key.len() <= hay.len() {
-        match hay[i..=hay.len() - key.len()]
-            .iter()
-            .position(|&b| b == key[0])
-        {
+        match memchr::memchr(key[0], &hay[i..=hay.len() - key.len()]) {
             None => break,
             Some(off) => {
                 let at = i + off;

@@ -138,7 +138,7 @@ impl Proxy {
         let start = Instant::now();
         let (parts, body) = req.into_parts();
         let mut record = AccessRecord {
-            method: parts.method.as_str().to_string(),
+            method: parts.method.clone(),
             path: path_label(parts.uri.path()),
             ..AccessRecord::default()
         };

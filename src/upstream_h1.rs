@@ -170,26 +170,28 @@ impl H1Pool {
         mut body: UpstreamRequestBody,
     ) -> Result<Response<H1Body>, H1Failure> {
         let length = body.size_hint().exact();
-        let mut head =
-            h1::encode_request_head(&self.path_and_query, &self.authority, &headers, length);
-        drop(headers);
         // The head waits for the first body frame and goes out with it in one write (the
         // upstream can do nothing with a head alone; the body's own stall timer and the
         // caller's idle timer bound the wait).
-        let mut body_done = false;
-        match std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
-            Some(Ok(frame)) => {
-                if let Ok(data) = frame.into_data() {
-                    frame_into(&mut head, &data, length.is_none());
-                }
-            }
+        let first = match std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+            Some(Ok(frame)) => Some(frame.into_data().unwrap_or_default()),
             Some(Err(e)) => return Err(H1Failure::Body(e)),
-            None => {
-                if length.is_none() {
-                    head.extend_from_slice(b"0\r\n\r\n");
-                }
-                body_done = true;
-            }
+            None => None,
+        };
+        let room = first.as_ref().map_or(5, |d| d.len() + 24);
+        let mut head = h1::encode_request_head(
+            &self.path_and_query,
+            &self.authority,
+            &headers,
+            length,
+            room,
+        );
+        drop(headers);
+        let body_done = first.is_none();
+        match first {
+            Some(data) => frame_into(&mut head, &data, length.is_none()),
+            None if length.is_none() => head.extend_from_slice(b"0\r\n\r\n"),
+            None => {}
         }
         let mut stream = match self.checkout() {
             Some(s) => s,
@@ -327,8 +329,7 @@ async fn read_head(
     buf: &mut BytesMut,
 ) -> Result<h1::ResponseHead, H1Failure> {
     loop {
-        if let Some((head, len)) = h1::parse_response_head(buf)? {
-            let _ = buf.split_to(len);
+        if let Some(head) = h1::parse_response_head(buf)? {
             if head.status.is_informational() {
                 if head.status == http::StatusCode::SWITCHING_PROTOCOLS {
                     return Err(H1Error::UnexpectedUpgrade.into());
