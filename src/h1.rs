@@ -29,8 +29,9 @@ pub enum H1Error {
     /// The response head is over [`MAX_RESPONSE_HEAD`] or [`MAX_RESPONSE_HEADERS`].
     #[error("the upstream's response head is too large")]
     HeadTooLarge,
-    /// `101 Switching Protocols`, which the proxy never asks for.
-    #[error("the upstream switched protocols")]
+    /// `101 Switching Protocols`, which the proxy never asks for, or more interim (1xx)
+    /// responses than any server sends.
+    #[error("the upstream switched protocols or sent too many interim responses")]
     UnexpectedUpgrade,
     /// The body framing headers are ambiguous or unsupported.
     #[error("the upstream's response framing is ambiguous or unsupported")]

@@ -323,15 +323,20 @@ async fn write_body(
     }
 }
 
+/// Most interim (1xx) heads skipped before a final one.
+const MAX_INTERIM: usize = 16;
+
 /// Reads until a final response head is complete; interim (1xx) heads are skipped.
 async fn read_head(
     rd: &mut tokio::net::tcp::ReadHalf<'_>,
     buf: &mut BytesMut,
 ) -> Result<h1::ResponseHead, H1Failure> {
+    let mut interim = 0;
     loop {
         if let Some(head) = h1::parse_response_head(buf)? {
             if head.status.is_informational() {
-                if head.status == http::StatusCode::SWITCHING_PROTOCOLS {
+                interim += 1;
+                if head.status == http::StatusCode::SWITCHING_PROTOCOLS || interim > MAX_INTERIM {
                     return Err(H1Error::UnexpectedUpgrade.into());
                 }
                 continue;

@@ -165,6 +165,14 @@ async fn ambiguous_or_unsupported_upstream_framing_is_502() {
         b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\nxx",
         b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nx: a\r\n folded\r\n\r\n",
+        // More interim answers than any server sends (17), then a final one.
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 100 Continue\r\n\r\n\
+          HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 100 Continue\r\n\r\n\
+          HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 100 Continue\r\n\r\n\
+          HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 100 Continue\r\n\r\n\
+          HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 100 Continue\r\n\r\n\
+          HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 100 Continue\r\n\r\n\
+          HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
     ] {
         let up = scripted(vec![answer]).await;
         let p = start_proxy(&["--upstream-url", &up.url]);
