@@ -170,15 +170,9 @@ impl H1Pool {
         mut body: UpstreamRequestBody,
     ) -> Result<Response<H1Body>, H1Failure> {
         let length = body.size_hint().exact();
-        // The head waits for the first body frame and goes out with it in one write (the
-        // upstream can do nothing with a head alone; the body's own stall timer and the
-        // caller's idle timer bound the wait).
-        let first = match std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
-            Some(Ok(frame)) => Some(frame.into_data().unwrap_or_default()),
-            Some(Err(e)) => return Err(H1Failure::Body(e)),
-            None => None,
-        };
-        let room = first.as_ref().map_or(5, |d| d.len() + 24);
+        // Encoded (and the client's header values let go) before any wait; room for a
+        // small body, which then goes out in the same write.
+        let room = length.map_or(4096, |n| usize::try_from(n).unwrap_or(0).min(16 << 10)) + 24;
         let mut head = h1::encode_request_head(
             &self.path_and_query,
             &self.authority,
@@ -187,6 +181,14 @@ impl H1Pool {
             room,
         );
         drop(headers);
+        // The head waits for the first body frame and goes out with it in one write (the
+        // upstream can do nothing with a head alone; the body's own stall timer and the
+        // caller's idle timer bound the wait).
+        let first = match std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+            Some(Ok(frame)) => Some(frame.into_data().unwrap_or_default()),
+            Some(Err(e)) => return Err(H1Failure::Body(e)),
+            None => None,
+        };
         let body_done = first.is_none();
         match first {
             Some(data) => frame_into(&mut head, &data, length.is_none()),
