@@ -30,8 +30,28 @@ use crate::h1::{self, Chunked, Framing, H1Error};
 
 /// Most idle connections kept per worker.
 const MAX_IDLE: usize = 256;
-/// Read buffer reserved per read.
-const READ_CHUNK: usize = 8 << 10;
+/// How much to read at a time: small at first (most answers, SSE events included, are a
+/// few KiB, and every buffer is wiped when freed), doubling after each read that filled what
+/// was offered, up to 64 KiB.
+#[derive(Debug, Clone, Copy)]
+struct ReadSize(usize);
+
+impl ReadSize {
+    const FIRST: usize = 2 << 10;
+    const MAX: usize = 64 << 10;
+
+    /// Makes room in `buf` for the next read; returns how much was offered.
+    fn prepare(self, buf: &mut BytesMut) -> usize {
+        buf.reserve(self.0);
+        buf.capacity() - buf.len()
+    }
+
+    fn record(&mut self, offered: usize, got: usize) {
+        if got >= offered && self.0 < Self::MAX {
+            self.0 *= 2;
+        }
+    }
+}
 
 /// Why a plain-upstream exchange failed.
 #[derive(Debug, thiserror::Error)]
@@ -199,7 +219,8 @@ impl H1Pool {
             Some(s) => s,
             None => self.connect().await?,
         };
-        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        let mut buf = BytesMut::with_capacity(ReadSize::FIRST);
+        let mut size = ReadSize(ReadSize::FIRST);
         let (head_in, sent) = {
             let (mut rd, mut wr) = stream.split();
             let writer = async {
@@ -210,7 +231,7 @@ impl H1Pool {
                 }
                 Ok::<(), H1Failure>(())
             };
-            let reader = read_head(&mut rd, &mut buf);
+            let reader = read_head(&mut rd, &mut buf, &mut size);
             tokio::pin!(writer, reader);
             let mut sent = false;
             let mut write_error = None;
@@ -243,6 +264,7 @@ impl H1Pool {
         let mut body = H1Body {
             stream: Some(stream),
             buf,
+            size,
             state,
             reusable,
             pool: Arc::clone(self),
@@ -332,6 +354,7 @@ const MAX_INTERIM: usize = 16;
 async fn read_head(
     rd: &mut tokio::net::tcp::ReadHalf<'_>,
     buf: &mut BytesMut,
+    size: &mut ReadSize,
 ) -> Result<h1::ResponseHead, H1Failure> {
     let mut interim = 0;
     loop {
@@ -345,8 +368,10 @@ async fn read_head(
             }
             return Ok(head);
         }
-        buf.reserve(READ_CHUNK);
-        if rd.read_buf(buf).await.map_err(H1Failure::Io)? == 0 {
+        let offered = size.prepare(buf);
+        let got = rd.read_buf(buf).await.map_err(H1Failure::Io)?;
+        size.record(offered, got);
+        if got == 0 {
             return Err(if buf.is_empty() {
                 H1Failure::Closed
             } else {
@@ -370,6 +395,7 @@ enum BodyState {
 pub struct H1Body {
     stream: Option<TcpStream>,
     buf: BytesMut,
+    size: ReadSize,
     state: BodyState,
     reusable: bool,
     pool: Arc<H1Pool>,
@@ -402,9 +428,13 @@ impl H1Body {
         };
         loop {
             ready!(stream.poll_read_ready(cx))?;
-            self.buf.reserve(READ_CHUNK);
+            let offered = self.size.prepare(&mut self.buf);
             match stream.try_read_buf(&mut self.buf) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Ok(got) => {
+                    self.size.record(offered, got);
+                    return Poll::Ready(Ok(got));
+                }
                 r => return Poll::Ready(r),
             }
         }
@@ -478,5 +508,24 @@ impl Body for H1Body {
             BodyState::Length(n) => SizeHint::with_exact(n),
             _ => SizeHint::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_start_small_and_grow_only_when_filled() {
+        let mut size = ReadSize(ReadSize::FIRST);
+        let mut buf = BytesMut::new();
+        let offered = size.prepare(&mut buf);
+        assert!(offered >= ReadSize::FIRST);
+        size.record(offered, offered / 2);
+        assert_eq!(size.0, ReadSize::FIRST, "a short read does not grow it");
+        for _ in 0..10 {
+            size.record(1, 1);
+        }
+        assert_eq!(size.0, ReadSize::MAX, "filled reads double it, up to the cap");
     }
 }
