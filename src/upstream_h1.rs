@@ -526,6 +526,10 @@ mod tests {
         for _ in 0..10 {
             size.record(1, 1);
         }
-        assert_eq!(size.0, ReadSize::MAX, "filled reads double it, up to the cap");
+        assert_eq!(
+            size.0,
+            ReadSize::MAX,
+            "filled reads double it, up to the cap"
+        );
     }
 }
