@@ -716,6 +716,17 @@ async fn cpu_per_10k(t: &Target, n: usize, fails: &Arc<Failures>) -> f64 {
     ticks as f64 * 10.0 * 10_000.0 / (per * 16) as f64
 }
 
+/// The fake upstream itself, over plain HTTP, with the key a client would send.
+fn direct_target(up: &Upstream) -> Target {
+    Target {
+        name: "direct".into(),
+        port: up.addr.port(),
+        headers: vec![("authorization".into(), format!("Bearer {KEY}"))],
+        tls: None,
+        pid: None,
+    }
+}
+
 struct StreamsRow {
     idle: f64,
     all: f64,
@@ -774,13 +785,7 @@ async fn sse_only_run() {
     let up = start_upstream().await;
     let fails = Arc::new(Failures::default());
     let (_p, proxy, _) = start_proxy(&format!("http://{}/v1/responses", up.addr), None);
-    let direct = Target {
-        name: "direct".into(),
-        port: up.addr.port(),
-        headers: vec![("authorization".into(), format!("Bearer {KEY}"))],
-        tls: None,
-        pid: None,
-    };
+    let direct = direct_target(&up);
     for _ in 0..10 {
         for t in [&direct, &proxy] {
             // A new connection, then a second exchange on the same connection.
@@ -805,32 +810,17 @@ async fn cpu_only(n: usize) {
     let up = start_upstream().await;
     let fails = Arc::new(Failures::default());
     let (_p, t, _) = start_proxy(&format!("http://{}/v1/responses", up.addr), None);
-    println!("proxy pid {}", t.pid.unwrap_or(0));
-    let before = cpu_ticks(t.pid.unwrap_or(0));
+    let pid = t.pid.unwrap_or(0);
+    println!("proxy pid {pid}");
     let t0 = Instant::now();
-    let body = Bytes::from(vec![b'x'; SMALL]);
-    let mut tasks = Vec::new();
-    for _ in 0..16 {
-        let (t, body, fails) = (t.clone(), body.clone(), Arc::clone(&fails));
-        tasks.push(tokio::spawn(async move {
-            let mut s = connect(&t).await;
-            for _ in 0..n / 16 {
-                one(&mut s, &t, "small", body.clone(), &fails).await;
-            }
-        }));
-    }
-    for task in tasks {
-        task.await.expect("task");
-    }
-    let ticks = cpu_ticks(t.pid.unwrap_or(0)) - before;
-    let (user, sys) = cpu_split(t.pid.unwrap_or(0));
+    let per_10k = cpu_per_10k(&t, n, &fails).await;
+    let (user, sys) = cpu_split(pid);
     let own = cpu_split(std::process::id());
     println!(
-        "{} requests in {:?}: proxy CPU {} ms = {:.1} ms per 10k (process totals: user {} ms, system {} ms); bench process (client + upstream) user {} ms, system {} ms; failures {}",
+        "{} requests in {:?}: proxy CPU {:.1} ms per 10k (process totals: user {} ms, system {} ms); bench process (client + upstream) user {} ms, system {} ms; failures {}",
         n / 16 * 16,
         t0.elapsed(),
-        ticks * 10,
-        ticks as f64 * 10.0 * 10_000.0 / (n / 16 * 16) as f64,
+        per_10k,
         user * 10,
         sys * 10,
         own.0 * 10,
@@ -857,13 +847,7 @@ async fn run(quick: bool, out_path: &str) {
     let (_proxy, proxy_t, _) = start_proxy(&plain_url, None);
     let (_proxy_tls, mut proxy_tls_t, _) = start_proxy(&tls_url, Some(&up.ca_pem));
     proxy_tls_t.name = "proxy".into();
-    let direct = Target {
-        name: "direct".into(),
-        port: up.addr.port(),
-        headers: vec![("authorization".into(), format!("Bearer {KEY}"))],
-        tls: None,
-        pid: None,
-    };
+    let direct = direct_target(&up);
     let mut roots = rustls::RootCertStore::empty();
     for c in <rustls_pki_types::CertificateDer as rustls_pki_types::pem::PemObject>::pem_slice_iter(
         up.ca_pem.as_bytes(),
