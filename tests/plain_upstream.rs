@@ -432,3 +432,23 @@ async fn a_chunked_request_body_is_forwarded_chunked() {
     assert!(!head.contains("content-length"), "{head}");
     assert_eq!(dechunk(&raw[head_end..]), b"{\"a\":1}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_trailers_are_not_passed_on() {
+    let up = scripted(vec![
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nx-trailer: t\r\n\r\n",
+    ])
+    .await;
+    let p = start_proxy(&["--upstream-url", &up.url]);
+    let resp = send(p.port, p.responses_request("{}")).await;
+    assert_eq!(resp.status(), 200);
+    let collected = tokio::time::timeout(
+        Duration::from_secs(10),
+        http_body_util::BodyExt::collect(resp.into_body()),
+    )
+    .await
+    .expect("in time")
+    .expect("clean end");
+    assert!(collected.trailers().is_none());
+    assert_eq!(collected.to_bytes().as_ref(), b"ok");
+}
