@@ -98,9 +98,21 @@ async fn connections_over_the_cap_get_a_fast_503_and_streams_continue() {
         .into_data()
         .expect("d");
     assert_eq!(first, Bytes::from_static(b"data: 1\n\n"));
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", p.child.id()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    let before = fds();
     let _idle = TcpStream::connect(("127.0.0.1", p.port))
         .await
         .expect("idle");
+    // Workers accept concurrently: wait until the proxy holds the idle connection (its
+    // socket and the spare descriptor) before the next one arrives.
+    poll_until_async(Duration::from_secs(5), "idle connection accepted", || {
+        (fds() >= before + 2).then_some(())
+    })
+    .await;
     // The next one is turned away fast, with a JSON error and Retry-After.
     let t0 = Instant::now();
     let raw = head(&p, "content-length: 2\r\n\r\n{}");
