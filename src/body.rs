@@ -20,6 +20,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::Sleep;
 
+use crate::conn::ClientBody;
 use crate::dump::{RequestDump, ResponseDump};
 use crate::log::{AccessRecord, Logger};
 use crate::mask::StreamMask;
@@ -129,7 +130,7 @@ fn arm<'a>(
 
 /// The client's request body on its way upstream.
 pub struct UpstreamRequestBody {
-    inner: Incoming,
+    inner: ClientBody,
     limit: u64,
     idle: Duration,
     /// Created on the first `Pending` (most small bodies never need it).
@@ -144,7 +145,7 @@ pub struct UpstreamRequestBody {
 impl UpstreamRequestBody {
     /// Wraps `inner` with a size limit and a client idle limit.
     pub fn new(
-        inner: Incoming,
+        inner: ClientBody,
         limit: u64,
         idle: Duration,
         state: Arc<ExchangeState>,

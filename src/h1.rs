@@ -1,16 +1,17 @@
-//! Pure HTTP/1.1 for the plain-`http` upstream: the request head the proxy writes, the
-//! response head it reads, how the response body is framed, and an incremental chunked
-//! decoder. No IO: bytes in, decisions and bytes out. `upstream_h1.rs` does the reading and
-//! writing.
+//! Pure HTTP/1.1, both sides. Client side: the request head a client sends, how its body is
+//! framed, the response head the proxy writes back. Upstream side (plain `http`): the
+//! request head the proxy writes, the response head it reads, how that body is framed. And
+//! an incremental chunked decoder for either direction. No IO: bytes in, decisions and bytes
+//! out. `conn.rs` and `upstream_h1.rs` do the reading and writing.
 //!
-//! Strict on purpose: anything the upstream sends that two HTTP implementations could
-//! read differently (`Transfer-Encoding` with `Content-Length`, a coding other than
-//! `chunked`, differing lengths, obsolete line folding, a head over the limit) is an error,
-//! which the proxy answers with 502.
+//! Strict on purpose: anything that two HTTP implementations could read differently
+//! (`Transfer-Encoding` with `Content-Length`, a coding other than `chunked`, differing or
+//! repeated lengths, obsolete line folding, a bare LF, a head over the limit) is an error: a
+//! client gets 400 or 431 and the connection ends; an upstream's answer becomes a 502.
 
-use bytes::{Buf, BytesMut};
-use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
-use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Version};
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{CONNECTION, CONTENT_LENGTH, EXPECT, TRANSFER_ENCODING};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, Version};
 
 /// Largest response head accepted from the upstream.
 pub const MAX_RESPONSE_HEAD: usize = 256 << 10;
@@ -121,17 +122,7 @@ pub fn parse_response_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, H
             Err(httparse::Error::TooManyHeaders) => return Err(H1Error::HeadTooLarge),
             Err(_) => return Err(H1Error::MalformedHead),
         };
-        let base = buf.as_ptr() as usize;
-        let spans: Vec<(usize, usize, usize, usize)> = resp
-            .headers
-            .iter()
-            .map(|f| {
-                let name = f.name.as_ptr() as usize - base;
-                let value = f.value.as_ptr() as usize - base;
-                (name, name + f.name.len(), value, value + f.value.len())
-            })
-            .collect();
-        (len, resp.code, resp.version, spans)
+        (len, resp.code, resp.version, spans_of(buf, resp.headers))
     };
     if len > MAX_RESPONSE_HEAD {
         return Err(H1Error::HeadTooLarge);
@@ -145,18 +136,246 @@ pub fn parse_response_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, H
         _ => return Err(H1Error::MalformedHead),
     };
     let head = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(spans.len());
-    for &(n0, n1, v0, v1) in &spans {
-        let name = HeaderName::from_bytes(&head[n0..n1]).map_err(|_| H1Error::MalformedHead)?;
-        let value = HeaderValue::from_maybe_shared(head.slice(v0..v1))
-            .map_err(|_| H1Error::MalformedHead)?;
-        headers.append(name, value);
-    }
+    let headers = header_map(&head, &spans).ok_or(H1Error::MalformedHead)?;
     Ok(Some(ResponseHead {
         status,
         version,
         headers,
     }))
+}
+
+/// Where each field's name and value lie in a head: name start and end, value start and
+/// end, as offsets into the head's bytes.
+type Spans = Vec<(usize, usize, usize, usize)>;
+
+fn spans_of(base: &[u8], fields: &[httparse::Header<'_>]) -> Spans {
+    let base = base.as_ptr() as usize;
+    fields
+        .iter()
+        .map(|f| {
+            let name = f.name.as_ptr() as usize - base;
+            let value = f.value.as_ptr() as usize - base;
+            (name, name + f.name.len(), value, value + f.value.len())
+        })
+        .collect()
+}
+
+/// The header fields of a parsed head, validated; the values share the head's bytes.
+fn header_map(head: &Bytes, spans: &[(usize, usize, usize, usize)]) -> Option<HeaderMap> {
+    let mut headers = HeaderMap::with_capacity(spans.len());
+    for &(n0, n1, v0, v1) in spans {
+        let name = HeaderName::from_bytes(&head[n0..n1]).ok()?;
+        let value = HeaderValue::from_maybe_shared(head.slice(v0..v1)).ok()?;
+        headers.append(name, value);
+    }
+    Some(headers)
+}
+
+/// Most request header fields accepted from a client.
+pub const MAX_REQUEST_HEADERS: usize = 128;
+
+/// A parsed request head.
+#[derive(Debug)]
+pub struct RequestHead {
+    /// The method.
+    pub method: Method,
+    /// The request target as sent.
+    pub uri: Uri,
+    /// HTTP/1.0 or HTTP/1.1.
+    pub version: Version,
+    /// The header fields, validated.
+    pub headers: HeaderMap,
+    /// A line of the head ended in a bare LF (a shape two parsers may read differently).
+    pub bare_lf: bool,
+}
+
+/// Why a request head cannot be served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestHeadError {
+    /// Longer than the limit, or more than [`MAX_REQUEST_HEADERS`] fields.
+    TooLarge,
+    /// Not an HTTP/1.x request head (obsolete line folding, a space before a colon, an
+    /// invalid method, target, name or value, another protocol altogether).
+    Malformed,
+}
+
+/// Parses a request head at the start of `buf`: `Ok(None)` while incomplete (and within
+/// `max_head` bytes); once complete, the head's bytes are split off `buf` and the header
+/// values and the target share them.
+pub fn parse_request_head(
+    buf: &mut BytesMut,
+    max_head: usize,
+) -> Result<Option<RequestHead>, RequestHeadError> {
+    let (len, method, target, minor, spans) = {
+        let mut fields: [std::mem::MaybeUninit<httparse::Header<'_>>; MAX_REQUEST_HEADERS] =
+            [const { std::mem::MaybeUninit::uninit() }; MAX_REQUEST_HEADERS];
+        let mut req = httparse::Request::new(&mut []);
+        let parsed = httparse::ParserConfig::default().parse_request_with_uninit_headers(
+            &mut req,
+            buf,
+            &mut fields,
+        );
+        let len = match parsed {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) if buf.len() > max_head => {
+                return Err(RequestHeadError::TooLarge);
+            }
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(httparse::Error::TooManyHeaders) => return Err(RequestHeadError::TooLarge),
+            Err(_) => return Err(RequestHeadError::Malformed),
+        };
+        let base = buf.as_ptr() as usize;
+        let (Some(method), Some(path)) = (req.method, req.path) else {
+            return Err(RequestHeadError::Malformed);
+        };
+        let target = path.as_ptr() as usize - base;
+        let method =
+            Method::from_bytes(method.as_bytes()).map_err(|_| RequestHeadError::Malformed)?;
+        (
+            len,
+            method,
+            (target, target + path.len()),
+            req.version,
+            spans_of(buf, req.headers),
+        )
+    };
+    if len > max_head {
+        return Err(RequestHeadError::TooLarge);
+    }
+    let version = match minor {
+        Some(0) => Version::HTTP_10,
+        Some(1) => Version::HTTP_11,
+        _ => return Err(RequestHeadError::Malformed),
+    };
+    let head = buf.split_to(len).freeze();
+    let bare_lf = memchr::memchr_iter(b'\n', &head).any(|at| at == 0 || head[at - 1] != b'\r');
+    let uri = Uri::from_maybe_shared(head.slice(target.0..target.1))
+        .map_err(|_| RequestHeadError::Malformed)?;
+    let headers = header_map(&head, &spans).ok_or(RequestHeadError::Malformed)?;
+    Ok(Some(RequestHead {
+        method,
+        uri,
+        version,
+        headers,
+        bare_lf,
+    }))
+}
+
+/// How a request body is delimited (RFC 9112 §6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestFraming {
+    /// No body.
+    Empty,
+    /// Exactly this many bytes (more than zero).
+    Length(u64),
+    /// `Transfer-Encoding: chunked` (HTTP/1.1 only).
+    Chunked,
+    /// Framing the proxy will not guess at: `Transfer-Encoding` with `Content-Length`, a
+    /// coding other than `chunked`, more than one `Content-Length`, one that is not plain
+    /// digits. The body cannot be found, so the connection ends after the refusal.
+    Invalid,
+}
+
+/// The framing of a request body, refusing every ambiguous shape.
+pub fn request_framing(headers: &HeaderMap, version: Version) -> RequestFraming {
+    let mut te = headers.get_all(TRANSFER_ENCODING).iter();
+    let mut cl = headers.get_all(CONTENT_LENGTH).iter();
+    match (te.next(), te.next(), cl.next(), cl.next()) {
+        (None, _, None, _) => RequestFraming::Empty,
+        (Some(v), None, None, _)
+            if version == Version::HTTP_11
+                && v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked") =>
+        {
+            RequestFraming::Chunked
+        }
+        (None, _, Some(v), None) => match content_length(v) {
+            Some(0) => RequestFraming::Empty,
+            Some(n) => RequestFraming::Length(n),
+            None => RequestFraming::Invalid,
+        },
+        _ => RequestFraming::Invalid,
+    }
+}
+
+/// A `Content-Length` value: digits only (no sign, no spaces inside), at most 19 of them.
+fn content_length(v: &HeaderValue) -> Option<u64> {
+    let digits = v.as_bytes().trim_ascii();
+    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+/// Whether the client lets the connection carry another request after this one:
+/// HTTP/1.1 without `Connection: close`. (HTTP/1.0 connections are closed after one.)
+pub fn request_keeps_alive(head: &RequestHead) -> bool {
+    head.version == Version::HTTP_11 && !has_token(&head.headers, CONNECTION, b"close")
+}
+
+/// Whether the request asks for `100 Continue` before it sends its body.
+pub fn expects_continue(head: &RequestHead) -> bool {
+    head.version == Version::HTTP_11 && has_token(&head.headers, EXPECT, b"100-continue")
+}
+
+/// Whether a comma-separated header lists `token` (case-insensitive).
+fn has_token(headers: &HeaderMap, name: HeaderName, token: &[u8]) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+}
+
+/// How the proxy delimits a response body it sends to a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResponseFraming {
+    /// No body follows (the answer to `HEAD`, or 1xx/204/304); `Content-Length` is
+    /// written when known.
+    NoBody(Option<u64>),
+    /// `Content-Length`.
+    Length(u64),
+    /// `Transfer-Encoding: chunked`.
+    Chunked,
+    /// Until the proxy closes the connection (an HTTP/1.0 client, length unknown).
+    UntilClose,
+}
+
+/// Writes a response head: status line, the headers except any framing or connection
+/// header, then the framing and `connection: close` when the connection ends after it.
+pub fn encode_response_head(
+    out: &mut Vec<u8>,
+    status: StatusCode,
+    headers: &HeaderMap,
+    framing: ResponseFraming,
+    close: bool,
+) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in headers {
+        if name == CONTENT_LENGTH || name == TRANSFER_ENCODING || name == CONNECTION {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        ResponseFraming::NoBody(Some(n)) | ResponseFraming::Length(n) => {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(n.to_string().as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        ResponseFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        ResponseFraming::NoBody(None) | ResponseFraming::UntilClose => {}
+    }
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
 }
 
 /// How the response body is delimited (RFC 9112 §6.3, for a response to a POST).
@@ -192,15 +411,8 @@ pub fn response_framing(head: &ResponseHead) -> Result<Framing, H1Error> {
     }
     let mut length = None;
     for v in head.headers.get_all(CONTENT_LENGTH) {
-        // Digits only (no sign, no spaces inside); every copy must agree.
-        let digits = v.as_bytes().trim_ascii();
-        if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
-            return Err(H1Error::BadFraming);
-        }
-        let n = std::str::from_utf8(digits)
-            .ok()
-            .and_then(|s| s.parse::<u64>().ok())
-            .ok_or(H1Error::BadFraming)?;
+        // Every copy must agree.
+        let n = content_length(v).ok_or(H1Error::BadFraming)?;
         if length.is_some_and(|l| l != n) {
             return Err(H1Error::BadFraming);
         }
@@ -215,13 +427,9 @@ pub fn response_framing(head: &ResponseHead) -> Result<Framing, H1Error> {
 
 /// Whether the connection may carry another request once this response is complete.
 pub fn keeps_alive(head: &ResponseHead, framing: Framing) -> bool {
-    let close = head
-        .headers
-        .get_all(CONNECTION)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
-    head.version == Version::HTTP_11 && !close && framing != Framing::UntilClose
+    head.version == Version::HTTP_11
+        && !has_token(&head.headers, CONNECTION, b"close")
+        && framing != Framing::UntilClose
 }
 
 /// Incremental decoder of a chunked body. Lines must end in CRLF; a bare LF or a CR
@@ -547,6 +755,228 @@ mod tests {
         );
     }
 
+    fn request(raw: &str) -> Result<Option<RequestHead>, RequestHeadError> {
+        parse_request_head(&mut BytesMut::from(raw.as_bytes()), 64 << 10)
+    }
+
+    fn framing_of(raw: &str) -> RequestFraming {
+        let head = request(raw).expect("valid").expect("complete");
+        request_framing(&head.headers, head.version)
+    }
+
+    #[test]
+    fn request_heads_are_parsed_and_split_off() {
+        let mut buf = BytesMut::from(
+            &b"POST /v1/responses HTTP/1.1\r\nHost: 127.0.0.1:9\r\nX-A: 1\r\nx-a: 2\r\n\r\n{}"[..],
+        );
+        let head = parse_request_head(&mut buf, 1024)
+            .expect("ok")
+            .expect("complete");
+        assert_eq!(head.method, Method::POST);
+        assert_eq!(head.uri, "/v1/responses");
+        assert_eq!(head.version, Version::HTTP_11);
+        assert_eq!(head.headers["host"], "127.0.0.1:9");
+        assert_eq!(head.headers.get_all("x-a").iter().count(), 2);
+        assert!(!head.bare_lf);
+        assert_eq!(&buf[..], b"{}", "the body stays in the buffer");
+        // Incomplete: nothing consumed.
+        let partial = b"POST / HTTP/1.1\r\nHost: x\r\n";
+        let mut part = BytesMut::from(&partial[..]);
+        assert!(parse_request_head(&mut part, 1024).expect("ok").is_none());
+        assert_eq!(part.len(), partial.len());
+        // HTTP/1.0, absolute-form target.
+        let head = request("GET http://127.0.0.1:9/shutdown HTTP/1.0\r\n\r\n")
+            .expect("ok")
+            .expect("complete");
+        assert_eq!(head.version, Version::HTTP_10);
+        assert_eq!(head.uri.path(), "/shutdown");
+    }
+
+    #[test]
+    fn request_heads_that_are_not_http_are_refused() {
+        for bad in [
+            "POST /v1/responses HTTP/1.1\r\nx-folded: a\r\n  b\r\n\r\n",
+            "POST /v1/responses HTTP/1.1\r\ncontent-length : 2\r\n\r\n",
+            "POST /v1/responses HTTP/1.1\r\nbad header: 1\r\n\r\n",
+            "POST /v1/responses HTTP/1.1\r\nx: a\x01b\r\n\r\n",
+            "POST /v1/responses HTTP/2.0\r\n\r\n",
+            "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            "\x16\x03\x01\x02\x00garbage\r\n\r\n",
+            "POST /v1/re sponses HTTP/1.1\r\n\r\n",
+            "P(ST / HTTP/1.1\r\n\r\n",
+        ] {
+            assert_eq!(
+                request(bad).err(),
+                Some(RequestHeadError::Malformed),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn request_heads_over_the_limits_are_too_large() {
+        let long = format!("POST / HTTP/1.1\r\nx: {}\r\n\r\n", "a".repeat(2000));
+        let mut buf = BytesMut::from(long.as_bytes());
+        assert_eq!(
+            parse_request_head(&mut buf, 1024).err(),
+            Some(RequestHeadError::TooLarge),
+            "complete but over"
+        );
+        let mut buf = BytesMut::from(&long.as_bytes()[..1500]);
+        assert_eq!(
+            parse_request_head(&mut buf, 1024).err(),
+            Some(RequestHeadError::TooLarge),
+            "incomplete and already over"
+        );
+        let many: String = (0..=MAX_REQUEST_HEADERS)
+            .map(|i| format!("x-{i}: 1\r\n"))
+            .collect();
+        assert_eq!(
+            request(&format!("POST / HTTP/1.1\r\n{many}\r\n")).err(),
+            Some(RequestHeadError::TooLarge)
+        );
+    }
+
+    #[test]
+    fn a_bare_lf_is_flagged() {
+        let head = request("POST / HTTP/1.1\nHost: x\n\n")
+            .expect("ok")
+            .expect("complete");
+        assert!(head.bare_lf);
+        let head = request("POST / HTTP/1.1\r\nHost: x\n\r\n")
+            .expect("ok")
+            .expect("complete");
+        assert!(head.bare_lf);
+    }
+
+    #[test]
+    fn request_framing_refuses_every_ambiguous_shape() {
+        let h = "POST / HTTP/1.1\r\n";
+        for (extra, want) in [
+            ("", RequestFraming::Empty),
+            ("content-length: 0\r\n", RequestFraming::Empty),
+            ("content-length: 12\r\n", RequestFraming::Length(12)),
+            ("content-length:  7 \r\n", RequestFraming::Length(7)),
+            ("transfer-encoding: chunked\r\n", RequestFraming::Chunked),
+            ("transfer-encoding: Chunked \r\n", RequestFraming::Chunked),
+            (
+                "content-length: 2\r\ntransfer-encoding: chunked\r\n",
+                RequestFraming::Invalid,
+            ),
+            (
+                "content-length: 2\r\ncontent-length: 2\r\n",
+                RequestFraming::Invalid,
+            ),
+            ("content-length: +2\r\n", RequestFraming::Invalid),
+            ("content-length: 2 2\r\n", RequestFraming::Invalid),
+            ("content-length: 0x10\r\n", RequestFraming::Invalid),
+            (
+                "content-length: 99999999999999999999\r\n",
+                RequestFraming::Invalid,
+            ),
+            ("content-length: \r\n", RequestFraming::Invalid),
+            (
+                "transfer-encoding: gzip, chunked\r\n",
+                RequestFraming::Invalid,
+            ),
+            (
+                "transfer-encoding: chunked\r\ntransfer-encoding: chunked\r\n",
+                RequestFraming::Invalid,
+            ),
+            ("transfer-encoding: identity\r\n", RequestFraming::Invalid),
+        ] {
+            assert_eq!(framing_of(&format!("{h}{extra}\r\n")), want, "{extra:?}");
+        }
+        assert_eq!(
+            framing_of("POST / HTTP/1.0\r\ntransfer-encoding: chunked\r\n\r\n"),
+            RequestFraming::Invalid,
+            "chunked is HTTP/1.1 only"
+        );
+    }
+
+    #[test]
+    fn keep_alive_and_continue_follow_the_request() {
+        let head = |raw: &str| request(raw).expect("ok").expect("complete");
+        assert!(request_keeps_alive(&head("POST / HTTP/1.1\r\n\r\n")));
+        assert!(!request_keeps_alive(&head(
+            "POST / HTTP/1.1\r\nConnection: keep-alive, Close\r\n\r\n"
+        )));
+        assert!(!request_keeps_alive(&head(
+            "POST / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
+        )));
+        assert!(expects_continue(&head(
+            "POST / HTTP/1.1\r\nExpect: 100-Continue\r\n\r\n"
+        )));
+        assert!(!expects_continue(&head(
+            "POST / HTTP/1.0\r\nExpect: 100-continue\r\n\r\n"
+        )));
+        assert!(!expects_continue(&head("POST / HTTP/1.1\r\n\r\n")));
+    }
+
+    #[test]
+    fn response_heads_carry_our_framing_only() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "content-type",
+            HeaderValue::from_static("text/event-stream"),
+        );
+        h.insert("content-length", HeaderValue::from_static("999"));
+        h.insert("transfer-encoding", HeaderValue::from_static("gzip"));
+        h.insert("connection", HeaderValue::from_static("upgrade"));
+        for (framing, close, want) in [
+            (
+                ResponseFraming::Length(5),
+                false,
+                "content-length: 5\r\n\r\n",
+            ),
+            (
+                ResponseFraming::Chunked,
+                false,
+                "transfer-encoding: chunked\r\n\r\n",
+            ),
+            (
+                ResponseFraming::UntilClose,
+                true,
+                "connection: close\r\n\r\n",
+            ),
+            (
+                ResponseFraming::NoBody(Some(3)),
+                true,
+                "content-length: 3\r\nconnection: close\r\n\r\n",
+            ),
+            (
+                ResponseFraming::NoBody(None),
+                false,
+                "text/event-stream\r\n\r\n",
+            ),
+        ] {
+            let mut out = Vec::new();
+            encode_response_head(&mut out, StatusCode::OK, &h, framing, close);
+            let text = String::from_utf8(out).expect("ascii");
+            assert!(
+                text.starts_with("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"),
+                "{text}"
+            );
+            assert!(text.ends_with(want), "{framing:?}: {text}");
+            assert!(
+                !text.contains("999") && !text.contains("gzip") && !text.contains("upgrade"),
+                "{text}"
+            );
+        }
+        let mut out = Vec::new();
+        encode_response_head(
+            &mut out,
+            StatusCode::from_u16(599).expect("status"),
+            &HeaderMap::new(),
+            ResponseFraming::Length(0),
+            false,
+        );
+        assert!(
+            out.starts_with(b"HTTP/1.1 599 \r\n"),
+            "an unknown status has an empty reason"
+        );
+    }
+
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(500))]
         #[test]
@@ -564,6 +994,37 @@ mod tests {
             }
             wire.extend_from_slice(b"0\r\n\r\n");
             proptest::prop_assert_eq!(decode(&wire, step), Ok((want, true)));
+        }
+
+        #[test]
+        fn request_heads_parse_the_same_however_they_arrive(
+            input in proptest::collection::vec(proptest::num::u8::ANY, 0..300),
+            valid in proptest::bool::ANY,
+            step in 1usize..32,
+        ) {
+            let mut bytes = if valid {
+                b"POST /v1/responses HTTP/1.1\r\nhost: x\r\n".to_vec()
+            } else {
+                Vec::new()
+            };
+            bytes.extend_from_slice(&input);
+            bytes.extend_from_slice(b"\r\n\r\nrest");
+            let whole = parse_request_head(&mut BytesMut::from(&bytes[..]), 256);
+            // Fed piece by piece, as reads would deliver it.
+            let mut buf = BytesMut::new();
+            let mut split = Ok(None);
+            for piece in bytes.chunks(step) {
+                buf.extend_from_slice(piece);
+                split = parse_request_head(&mut buf, 256);
+                if !matches!(split, Ok(None)) {
+                    break;
+                }
+            }
+            let show = |r: &Result<Option<RequestHead>, RequestHeadError>| format!("{r:?}");
+            if !(whole.is_err() && split.is_err() && bytes.len() > 256) {
+                // (Past the limit, which refusal comes first depends on how far it got.)
+                proptest::prop_assert_eq!(show(&whole), show(&split));
+            }
         }
 
         #[test]

@@ -15,14 +15,14 @@
 //! | [`secret`] | reading, validating and locking the key |
 //! | [`token`] | the per-launch client token |
 //! | [`gate`] | pure: request head → allow or refusal |
-//! | [`framing`] | pure: byte-level check of request heads for smuggling shapes |
 //! | [`headers`] | pure: header rewriting both ways |
 //! | [`mask`] | pure: overwriting a reflected key in headers and streams |
 //! | [`upstream`] | TLS client, pool, connect timeout |
-//! | [`h1`] | pure: HTTP/1.1 heads, framing and chunked decoding for the plain upstream |
+//! | [`h1`] | pure: HTTP/1.1 heads, framing and chunked decoding, both sides |
 //! | [`upstream_h1`] | the plain-`http` upstream: per-worker keep-alive pool, streaming body |
 //! | [`body`] | the streaming request and response bodies, their limits and timers |
 //! | [`proxy`] | one request: gate → forward → stream back |
+//! | [`conn`] | one client connection: request heads in, responses out, keep-alive |
 //! | [`server`] | listener, connection cap, graceful shutdown |
 //! | [`server_info`], [`dump`] | the files the proxy writes |
 //! | [`log`] | access and event lines on stderr |
@@ -30,8 +30,8 @@
 
 pub mod body;
 pub mod config;
+pub mod conn;
 pub mod dump;
-pub mod framing;
 pub mod gate;
 pub mod h1;
 pub mod hardening;

@@ -49,11 +49,10 @@ pub fn sanitize_request_id(raw: &[u8]) -> Option<String> {
     ok.then(|| String::from_utf8_lossy(raw).into_owned())
 }
 
-/// `YYYY-MM-DDTHH:MM:SS.mmmZ` for a time since the Unix epoch.
-pub fn rfc3339_utc(since_epoch: Duration) -> String {
-    let secs = since_epoch.as_secs();
+/// The UTC calendar date and time of day for seconds since the Unix epoch: year, month,
+/// day, and seconds into the day.
+fn civil_utc(secs: u64) -> (i64, i64, i64, u64) {
     let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
     // Civil-from-days (proleptic Gregorian), after H. Hinnant's published algorithm.
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
@@ -64,12 +63,46 @@ pub fn rfc3339_utc(since_epoch: Duration) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day, secs % 86_400)
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ` for a time since the Unix epoch.
+pub fn rfc3339_utc(since_epoch: Duration) -> String {
+    let (year, month, day, rem) = civil_utc(since_epoch.as_secs());
     format!(
         "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
         rem / 3600,
         rem % 3600 / 60,
         rem % 60,
         since_epoch.subsec_millis()
+    )
+}
+
+/// The HTTP `Date` format (IMF-fixdate, RFC 9110 §5.6.7), e.g.
+/// `Sun, 06 Nov 1994 08:49:37 GMT`, for a time since the Unix epoch.
+pub fn http_date(since_epoch: Duration) -> String {
+    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let secs = since_epoch.as_secs();
+    let (year, month, day, rem) = civil_utc(secs);
+    format!(
+        "{}, {day:02} {} {year:04} {:02}:{:02}:{:02} GMT",
+        DAYS[(secs / 86_400 % 7) as usize],
+        MONTHS[(month - 1).clamp(0, 11) as usize],
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+    )
+}
+
+/// The current time in the HTTP `Date` format.
+pub fn http_date_now() -> String {
+    http_date(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default(),
     )
 }
 
@@ -194,6 +227,19 @@ mod tests {
         assert_eq!(
             rfc3339_utc(Duration::from_secs(1_795_000_000)),
             "2026-11-18T11:06:40.000Z"
+        );
+    }
+
+    #[test]
+    fn formats_http_dates() {
+        assert_eq!(
+            http_date(Duration::from_secs(784_111_777)),
+            "Sun, 06 Nov 1994 08:49:37 GMT"
+        );
+        assert_eq!(http_date(Duration::ZERO), "Thu, 01 Jan 1970 00:00:00 GMT");
+        assert_eq!(
+            http_date(Duration::from_millis(951_782_400_999)),
+            "Tue, 29 Feb 2000 00:00:00 GMT"
         );
     }
 

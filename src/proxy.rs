@@ -8,13 +8,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, DATE};
 use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
-use hyper::body::Incoming;
 use tokio::sync::watch;
 
 use crate::body::{BodyFault, ExchangeState, ProxyBody, ResponseStream, UpstreamRequestBody};
 use crate::config::{Config, LogLevel};
+use crate::conn::ClientBody;
 use crate::dump::{Dumper, ResponseSlot};
 use crate::gate::{self, GatePolicy, Route};
 use crate::headers;
@@ -38,7 +38,6 @@ pub struct Proxy {
     http_shutdown: bool,
     key: ApiKey,
     max_request_body: u64,
-    max_header_size: usize,
     body_read_timeout: Duration,
     upstream_idle_timeout: Duration,
     dumper: Option<Arc<Dumper>>,
@@ -54,13 +53,16 @@ pub fn error_body(message: &str, error_type: &str, code: &str) -> Bytes {
     Bytes::from(v.to_string())
 }
 
-fn json_response(status: StatusCode, body: Bytes) -> Response<ProxyBody> {
+/// A response the proxy makes itself: a small JSON body, not to be cached, dated.
+pub fn json_response(status: StatusCode, body: Bytes) -> Response<ProxyBody> {
     let mut resp = Response::new(ProxyBody::Fixed(Some(body)));
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    resp.headers_mut()
-        .insert("cache-control", HeaderValue::from_static("no-store"));
+    let headers = resp.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if let Ok(date) = HeaderValue::from_str(&crate::log::http_date_now()) {
+        headers.insert(DATE, date);
+    }
     resp
 }
 
@@ -71,21 +73,6 @@ fn path_label(path: &str) -> &'static str {
         gate::SHUTDOWN_PATH => gate::SHUTDOWN_PATH,
         _ => "<other>",
     }
-}
-
-/// The size of a request head as it was sent: request line and header lines.
-fn head_size(parts: &http::request::Parts) -> usize {
-    let target = parts.uri.scheme_str().map_or(0, |s| s.len() + 3)
-        + parts.uri.authority().map_or(0, |a| a.as_str().len())
-        + parts.uri.path_and_query().map_or(1, |p| p.as_str().len());
-    let line = parts.method.as_str().len() + target + 12;
-    parts
-        .headers
-        .iter()
-        .map(|(n, v)| n.as_str().len() + v.len() + 4)
-        .sum::<usize>()
-        + line
-        + 2
 }
 
 /// The value of a single, valid `Content-Length`.
@@ -113,7 +100,6 @@ impl Proxy {
             http_shutdown: config.http_shutdown,
             key,
             max_request_body: config.max_request_body,
-            max_header_size: config.max_header_size,
             body_read_timeout: config.body_read_timeout,
             upstream_idle_timeout: config.upstream_idle_timeout,
             dumper: dumper.map(Arc::new),
@@ -134,7 +120,11 @@ impl Proxy {
 
     /// Handles one request, forwarding through `upstream` (the calling worker's pool).
     /// Never fails: every problem is a response.
-    pub async fn handle(&self, upstream: &Upstream, req: Request<Incoming>) -> Response<ProxyBody> {
+    pub async fn handle(
+        &self,
+        upstream: &Upstream,
+        req: Request<ClientBody>,
+    ) -> Response<ProxyBody> {
         let start = Instant::now();
         let (parts, body) = req.into_parts();
         let mut record = AccessRecord {
@@ -142,22 +132,6 @@ impl Proxy {
             path: path_label(parts.uri.path()),
             ..AccessRecord::default()
         };
-        if head_size(&parts) > self.max_header_size {
-            let body = error_body(
-                "the request head (request line and headers) is larger than the proxy's \
-                 --max-header-size",
-                "invalid_request_error",
-                "request_header_fields_too_large",
-            );
-            let status = StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
-            return self.finish_fixed(
-                &mut record,
-                start,
-                status,
-                "request_header_fields_too_large",
-                body,
-            );
-        }
         let policy = GatePolicy {
             port: self.port,
             token: &self.token,
@@ -191,6 +165,19 @@ impl Proxy {
         }
     }
 
+    /// Logs a request the connection refused before it had a head to hand over (malformed,
+    /// too large, too slow): no method or path is known.
+    pub fn log_refused_head(&self, status: StatusCode, outcome: &'static str) {
+        let record = AccessRecord {
+            method: Method::from_bytes(b"-").unwrap_or_default(),
+            path: "-",
+            status: status.as_u16(),
+            outcome,
+            ..AccessRecord::default()
+        };
+        self.logger.access(&record);
+    }
+
     fn finish_fixed(
         &self,
         record: &mut AccessRecord,
@@ -211,7 +198,7 @@ impl Proxy {
         &self,
         upstream: &Upstream,
         parts: http::request::Parts,
-        body: Incoming,
+        body: ClientBody,
         start: Instant,
         record: AccessRecord,
     ) -> Response<ProxyBody> {
@@ -231,7 +218,7 @@ impl Proxy {
         &self,
         upstream: &Upstream,
         parts: http::request::Parts,
-        body: Incoming,
+        body: ClientBody,
         start: Instant,
         mut record: AccessRecord,
     ) -> Response<ProxyBody> {

@@ -1,5 +1,6 @@
 //! The only module allowed to use `unsafe`: thin, checked wrappers over the system calls the
-//! proxy needs (read(2), mmap/mlock/madvise, prctl, setrlimit, termios, the environment).
+//! proxy needs (read(2), shutdown(2), mmap/mlock/madvise, prctl, setrlimit, termios, the
+//! environment).
 //!
 //! Each function has a safe signature, turns `-1` into `io::Error`, and carries a `SAFETY:`
 //! argument on every block. Policy (what to call, when, and what a failure means) lives in
@@ -31,6 +32,15 @@ pub fn read_fd(fd: libc::c_int, buf: &mut [u8]) -> io::Result<usize> {
         // `n` is non-negative and at most `buf.len()`, so it fits a usize.
         Ok(n as usize)
     }
+}
+
+/// Shuts down the sending side of a socket: the peer reads the end of the stream, and
+/// reading from it goes on.
+pub fn shutdown_write(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: shutdown(2) takes no pointers; `fd` is borrowed, so the descriptor stays open
+    // for the duration of the call.
+    check(unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_WR) }).map(drop)
 }
 
 /// The system's page size.

@@ -33,20 +33,22 @@ const MAX_IDLE: usize = 256;
 /// How much to read at a time: small at first (most answers, SSE events included, are a
 /// few KiB, and every buffer is wiped when freed), doubling after each read that filled what
 /// was offered, up to 64 KiB.
+/// (The client side of `conn.rs` reads the same way.)
 #[derive(Debug, Clone, Copy)]
-struct ReadSize(usize);
+pub(crate) struct ReadSize(pub(crate) usize);
 
 impl ReadSize {
-    const FIRST: usize = 2 << 10;
+    pub(crate) const FIRST: usize = 2 << 10;
     const MAX: usize = 64 << 10;
 
     /// Makes room in `buf` for the next read; returns how much was offered.
-    fn prepare(self, buf: &mut BytesMut) -> usize {
+    pub(crate) fn prepare(self, buf: &mut BytesMut) -> usize {
         buf.reserve(self.0);
         buf.capacity() - buf.len()
     }
 
-    fn record(&mut self, offered: usize, got: usize) {
+    /// Notes how much a read returned of what was offered.
+    pub(crate) fn record(&mut self, offered: usize, got: usize) {
         if got >= offered && self.0 < Self::MAX {
             self.0 *= 2;
         }

@@ -1,0 +1,694 @@
+//! One client connection, HTTP/1.1 from the bytes up: read a request head, hand the request
+//! to [`Proxy::handle`], write its response, and go on while the connection may be kept
+//! alive. What the bytes mean (head parsing, body framing, the response head) is decided in
+//! `h1.rs`, which is pure; this module reads, writes and keeps time.
+//!
+//! Requests on a connection are served one after another; bytes pipelined behind a request
+//! wait in the read buffer (bounded). A request whose body was not read to its end (a
+//! refusal, an early upstream answer) ends the connection after its response. A head that
+//! cannot be served gets a fixed JSON error (400, 408, 431) and the connection closes.
+
+use std::future::Future;
+use std::io;
+use std::os::fd::AsFd;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker, ready};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::CONNECTION;
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::watch;
+use tokio::time::{Instant, Sleep};
+
+use crate::body::{BoxError, ProxyBody};
+use crate::gate::AmbiguousFraming;
+use crate::h1::{self, Chunked, RequestFraming, RequestHead, RequestHeadError, ResponseFraming};
+use crate::proxy::{Proxy, error_body, json_response};
+use crate::server::ServerLimits;
+use crate::sys;
+use crate::upstream::Upstream;
+use crate::upstream_h1::ReadSize;
+
+/// What every connection a worker serves shares.
+pub struct ConnContext {
+    /// The request handler.
+    pub proxy: Arc<Proxy>,
+    /// The worker's upstream client.
+    pub upstream: Upstream,
+    /// Head size and timing limits.
+    pub limits: ServerLimits,
+}
+
+/// Bytes read ahead of the request being served (pipelined requests) beyond the head limit.
+const READ_AHEAD: usize = 64 << 10;
+/// After the proxy has said its last word on a connection: how long, and how many bytes,
+/// it keeps reading (and discarding) what the client still sends, so that closing does not
+/// reset the connection before the client has read the answer.
+const LINGER_TIME: Duration = Duration::from_secs(1);
+const LINGER_BYTES: usize = 1 << 20;
+/// Response body chunks up to this size are copied next to the head or the chunk framing
+/// and go out in one write; larger ones are written from where they are.
+const COPY_LIMIT: usize = 16 << 10;
+const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+
+/// Where the connection is in the current request's body.
+#[derive(Debug, PartialEq, Eq)]
+enum BodyRead {
+    /// Read to its end, or there was none: the next bytes are the next request head.
+    Done,
+    /// This many bytes left.
+    Length(u64),
+    /// A chunked body, part read.
+    Chunked(Chunked),
+    /// Malformed, cut off, or abandoned part-way: where the next head starts is unknown, so
+    /// the connection ends after the current response.
+    Failed,
+}
+
+/// The read side, shared by the connection and the request body it hands out.
+struct ReadState {
+    read: OwnedReadHalf,
+    buf: BytesMut,
+    size: ReadSize,
+    body: BodyRead,
+    /// `100 Continue` is owed before the first read for the body.
+    send_continue: bool,
+    /// Counts requests on the connection; a body belongs to one of them.
+    generation: u64,
+    /// The current request's body object still exists (someone may still read it).
+    body_alive: bool,
+    /// The connection's watch for the client going away, parked while a body is being read.
+    watcher: Option<Waker>,
+}
+
+struct Shared {
+    write: OwnedWriteHalf,
+    state: Mutex<ReadState>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, ReadState> {
+        // Nothing panics while holding the lock; if something did, the state is still
+        // only bytes and counters.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// One read into the buffer: `Ok(0)` is the end of the stream. (A read that comes back
+    /// short tells tokio the socket is drained, so no read is spent on `EAGAIN` later.)
+    fn poll_fill(st: &mut ReadState, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        let offered = st.size.prepare(&mut st.buf);
+        let ReadState { read, buf, .. } = st;
+        let n = ready!(std::pin::pin!(read.read_buf(buf)).poll(cx))?;
+        st.size.record(offered, n);
+        Poll::Ready(Ok(n))
+    }
+
+    async fn fill(&self) -> io::Result<usize> {
+        std::future::poll_fn(|cx| {
+            let mut st = self.lock();
+            Self::poll_fill(&mut st, cx)
+        })
+        .await
+    }
+
+    /// Writes all of `parts`, in order, in as few system calls as the socket allows.
+    async fn write_all(&self, parts: &[&[u8]]) -> io::Result<()> {
+        let mut skip = 0usize;
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        while skip < total {
+            let mut slices = Vec::with_capacity(parts.len());
+            let mut offset = skip;
+            for p in parts {
+                if offset >= p.len() {
+                    offset -= p.len();
+                    continue;
+                }
+                slices.push(io::IoSlice::new(&p[offset..]));
+                offset = 0;
+            }
+            match self.write.try_write_vectored(&slices) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => skip += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.write.writable().await?,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Resolves when the client has closed the connection (or it failed), reading ahead into
+/// the buffer meanwhile. Waits while a request body is being read (the body reads then),
+/// and stops reading once the buffer holds more than a head and a read-ahead.
+async fn client_gone(shared: &Shared, limit: usize) {
+    std::future::poll_fn(|cx| {
+        let mut st = shared.lock();
+        loop {
+            if st.body_alive && matches!(st.body, BodyRead::Length(_) | BodyRead::Chunked(_)) {
+                st.watcher = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
+            if st.buf.len() >= limit {
+                return Poll::Pending;
+            }
+            match Shared::poll_fill(&mut st, cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(()),
+                Poll::Ready(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+}
+
+/// A request body, read from the connection as the upstream side asks for it.
+pub struct ClientBody {
+    shared: Arc<Shared>,
+    generation: u64,
+    /// Bytes left, when the length is known.
+    remaining: Option<u64>,
+    ended: bool,
+}
+
+/// A fixed error, as a body error.
+#[derive(Debug, thiserror::Error)]
+#[error("the client's request body was malformed or cut off")]
+struct BadBody;
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        let shared = Arc::clone(&this.shared);
+        let mut guard = shared.lock();
+        let st = &mut *guard;
+        if st.generation != this.generation {
+            // The connection has moved on without this body: it was finished or abandoned.
+            this.ended = true;
+            return Poll::Ready((this.remaining != Some(0)).then(|| Err(Box::new(BadBody).into())));
+        }
+        loop {
+            let step = match &mut st.body {
+                BodyRead::Done => {
+                    this.ended = true;
+                    return Poll::Ready(None);
+                }
+                BodyRead::Failed => {
+                    this.ended = true;
+                    return Poll::Ready(Some(Err(Box::new(BadBody))));
+                }
+                BodyRead::Length(left) => {
+                    let n = (*left).min(st.buf.len() as u64);
+                    *left -= n;
+                    Some((n as usize, *left == 0))
+                }
+                // `Ok(0)` short of the end means the buffer is used up.
+                BodyRead::Chunked(decoder) => decoder
+                    .next_data(&mut st.buf)
+                    .ok()
+                    .map(|n| (n, decoder.is_done())),
+            };
+            let Some((take, finished)) = step else {
+                st.body = BodyRead::Failed;
+                wake_watcher(st);
+                continue;
+            };
+            if finished {
+                st.body = BodyRead::Done;
+                wake_watcher(st);
+            }
+            if take > 0 {
+                st.send_continue = false;
+                if let Some(r) = &mut this.remaining {
+                    *r = r.saturating_sub(take as u64);
+                }
+                let data = st.buf.split_to(take).freeze();
+                return Poll::Ready(Some(Ok(Frame::data(data))));
+            }
+            if finished {
+                continue;
+            }
+            if st.send_continue {
+                st.send_continue = false;
+                if !matches!(shared.write.try_write(CONTINUE), Ok(n) if n == CONTINUE.len()) {
+                    st.body = BodyRead::Failed;
+                    continue;
+                }
+            }
+            match Shared::poll_fill(st, cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(0) | Err(_)) => {
+                    st.body = BodyRead::Failed;
+                    wake_watcher(st);
+                }
+                Poll::Ready(Ok(_)) => {}
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || self.remaining == Some(0)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.remaining {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
+    }
+}
+
+impl Drop for ClientBody {
+    fn drop(&mut self) {
+        let mut st = self.shared.lock();
+        if st.generation == self.generation {
+            // Nobody reads the rest now: the connection may (to discard it, or to notice
+            // the client going away).
+            st.body_alive = false;
+            wake_watcher(&mut st);
+        }
+    }
+}
+
+fn wake_watcher(st: &mut ReadState) {
+    if let Some(w) = st.watcher.take() {
+        w.wake();
+    }
+}
+
+/// Discards a body that is already wholly in the buffer (a refused request's, typically),
+/// so the connection can carry the next request.
+fn discard_buffered_body(st: &mut ReadState) {
+    match &mut st.body {
+        BodyRead::Length(n) if *n <= st.buf.len() as u64 => {
+            st.buf.advance(*n as usize);
+            st.body = BodyRead::Done;
+        }
+        BodyRead::Chunked(decoder) => {
+            let mut decoder = decoder.clone();
+            let mut scratch = st.buf.clone();
+            loop {
+                match decoder.next_data(&mut scratch) {
+                    Ok(0) if decoder.is_done() => {
+                        st.buf = scratch;
+                        st.body = BodyRead::Done;
+                        return;
+                    }
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => scratch.advance(n),
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Why reading a head ended without one.
+enum HeadEnd {
+    /// Close without a word: the client closed or went idle before sending anything, or
+    /// the proxy is shutting down.
+    Quiet,
+    /// Answer with an error, then close.
+    Refuse(StatusCode, &'static str, &'static str),
+}
+
+/// Serves one connection until it closes.
+pub async fn serve(stream: TcpStream, ctx: Arc<ConnContext>, mut drain: watch::Receiver<bool>) {
+    let (read, write) = stream.into_split();
+    let shared = Arc::new(Shared {
+        write,
+        state: Mutex::new(ReadState {
+            read,
+            buf: BytesMut::new(),
+            size: ReadSize(ReadSize::FIRST),
+            body: BodyRead::Done,
+            send_continue: false,
+            generation: 0,
+            body_alive: false,
+            watcher: None,
+        }),
+    });
+    let read_ahead = ctx.limits.max_header_size.saturating_add(READ_AHEAD);
+    let mut timer: Option<Pin<Box<Sleep>>> = None;
+    loop {
+        let head = match read_head(&shared, &ctx.limits, &mut drain, &mut timer).await {
+            Ok(head) => head,
+            Err(HeadEnd::Quiet) => return,
+            Err(HeadEnd::Refuse(status, code, message)) => {
+                ctx.proxy.log_refused_head(status, code);
+                let body = error_body(message, "invalid_request_error", code);
+                let resp = json_response(status, body);
+                let _ = write_response(&shared, resp, ResponseFraming::Length(0), true, 0).await;
+                linger(&shared).await;
+                return;
+            }
+        };
+        let framing = h1::request_framing(&head.headers, head.version);
+        let ambiguous = head.bare_lf || framing == RequestFraming::Invalid;
+        let mut keep_alive = h1::request_keeps_alive(&head) && !ambiguous;
+        let http11 = head.version == Version::HTTP_11;
+        let is_head = head.method == Method::HEAD;
+        let (remaining, generation) = {
+            let mut st = shared.lock();
+            let (body, remaining) = match framing {
+                RequestFraming::Empty => (BodyRead::Done, Some(0)),
+                RequestFraming::Invalid => (BodyRead::Failed, Some(0)),
+                RequestFraming::Length(n) => (BodyRead::Length(n), Some(n)),
+                RequestFraming::Chunked => (BodyRead::Chunked(Chunked::default()), None),
+            };
+            st.send_continue = remaining != Some(0) && h1::expects_continue(&head);
+            st.body = body;
+            st.generation += 1;
+            st.body_alive = true;
+            (remaining, st.generation)
+        };
+        let body = ClientBody {
+            shared: Arc::clone(&shared),
+            generation,
+            remaining,
+            ended: remaining == Some(0),
+        };
+        let req = request(head, body, ambiguous);
+        let resp = tokio::select! {
+            biased;
+            resp = ctx.proxy.handle(&ctx.upstream, req) => resp,
+            () = client_gone(&shared, read_ahead) => return,
+        };
+        {
+            let mut st = shared.lock();
+            if !st.body_alive {
+                discard_buffered_body(&mut st);
+            }
+            // A body still being read elsewhere (an HTTPS upstream streaming it while it
+            // answers) is left alone, and the connection ends after this response.
+            keep_alive &= st.body == BodyRead::Done;
+        }
+        keep_alive &= !*drain.borrow() && !resp.headers().contains_key(CONNECTION);
+        let exact = resp.body().size_hint().exact();
+        let framing = if is_head
+            || resp.status().is_informational()
+            || resp.status() == StatusCode::NO_CONTENT
+            || resp.status() == StatusCode::NOT_MODIFIED
+        {
+            ResponseFraming::NoBody(exact.filter(|_| is_head))
+        } else if let Some(n) = exact {
+            ResponseFraming::Length(n)
+        } else if http11 {
+            ResponseFraming::Chunked
+        } else {
+            keep_alive = false;
+            ResponseFraming::UntilClose
+        };
+        let complete = write_response(&shared, resp, framing, !keep_alive, read_ahead).await;
+        match complete {
+            Ok(true) if keep_alive && shared.lock().body == BodyRead::Done => {}
+            Ok(true) => {
+                linger(&shared).await;
+                return;
+            }
+            // The stream broke or the client went away: close at once, so the client sees
+            // an incomplete response, not a complete one.
+            Ok(false) | Err(_) => return,
+        }
+    }
+}
+
+/// The request handed to the proxy; its body reads from the connection.
+fn request(head: RequestHead, body: ClientBody, ambiguous: bool) -> Request<ClientBody> {
+    let mut req = Request::new(body);
+    *req.method_mut() = head.method;
+    *req.uri_mut() = head.uri;
+    *req.version_mut() = head.version;
+    *req.headers_mut() = head.headers;
+    if ambiguous {
+        req.extensions_mut().insert(AmbiguousFraming);
+    }
+    req
+}
+
+/// Reads until a whole request head is buffered, within `--header-read-timeout` (which is
+/// also how long an idle keep-alive connection is kept).
+async fn read_head(
+    shared: &Shared,
+    limits: &ServerLimits,
+    drain: &mut watch::Receiver<bool>,
+    timer: &mut Option<Pin<Box<Sleep>>>,
+) -> Result<RequestHead, HeadEnd> {
+    // Where the last parse attempt stopped: a head can only be complete once a line feed
+    // arrives after it, so a head trickling in is not parsed again for every byte.
+    let mut scanned = 0;
+    let mut deadline = None;
+    loop {
+        let started = {
+            let mut st = shared.lock();
+            if memchr::memchr(b'\n', &st.buf[scanned.min(st.buf.len())..]).is_some() {
+                match h1::parse_request_head(&mut st.buf, limits.max_header_size) {
+                    Ok(Some(head)) => return Ok(head),
+                    Ok(None) => {}
+                    Err(RequestHeadError::TooLarge) => {
+                        return Err(HeadEnd::Refuse(
+                            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                            "request_header_fields_too_large",
+                            "the request head (request line and headers) is larger than the \
+                             proxy's --max-header-size, or has more than 128 header fields",
+                        ));
+                    }
+                    Err(RequestHeadError::Malformed) => {
+                        return Err(HeadEnd::Refuse(
+                            StatusCode::BAD_REQUEST,
+                            "malformed_request",
+                            "the request is not valid HTTP/1.1: the request line or a header \
+                             line is malformed (obsolete line folding, a space before a colon \
+                             and invalid characters are refused)",
+                        ));
+                    }
+                }
+            } else if st.buf.len() > limits.max_header_size {
+                return Err(HeadEnd::Refuse(
+                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    "request_header_fields_too_large",
+                    "the request head (request line and headers) is larger than the proxy's \
+                     --max-header-size, or has more than 128 header fields",
+                ));
+            }
+            scanned = st.buf.len();
+            !st.buf.is_empty()
+        };
+        if !started && *drain.borrow() {
+            return Err(HeadEnd::Quiet);
+        }
+        let at = *deadline.get_or_insert_with(|| Instant::now() + limits.header_read_timeout);
+        let sleep = match timer {
+            Some(s) => {
+                if s.deadline() != at {
+                    s.as_mut().reset(at);
+                }
+                s
+            }
+            None => timer.insert(Box::pin(tokio::time::sleep_until(at))),
+        };
+        let read = tokio::select! {
+            biased;
+            read = shared.fill() => read,
+            () = sleep.as_mut() => {
+                return Err(if started {
+                    HeadEnd::Refuse(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "request_timeout",
+                        "the request head was not received within --header-read-timeout",
+                    )
+                } else {
+                    HeadEnd::Quiet
+                });
+            }
+            _ = drain.changed(), if !started => return Err(HeadEnd::Quiet),
+        };
+        match read {
+            Ok(0) | Err(_) => return Err(HeadEnd::Quiet),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Writes a response. `Ok(true)` when it went out whole; `Ok(false)` when its body broke
+/// off or the client went away, and the connection must close at once.
+async fn write_response(
+    shared: &Shared,
+    resp: Response<ProxyBody>,
+    framing: ResponseFraming,
+    close: bool,
+    read_ahead: usize,
+) -> io::Result<bool> {
+    let (parts, mut body) = resp.into_parts();
+    // A fixed body's length is known even where `framing` was chosen before it (errors).
+    let framing = match (framing, &body) {
+        (ResponseFraming::Length(0), ProxyBody::Fixed(Some(b))) => {
+            ResponseFraming::Length(b.len() as u64)
+        }
+        (f, _) => f,
+    };
+    let mut out = Vec::with_capacity(1024);
+    h1::encode_response_head(&mut out, parts.status, &parts.headers, framing, close);
+    drop(parts);
+    let (limit, chunked) = match framing {
+        ResponseFraming::NoBody(_) => {
+            shared.write_all(&[&out]).await?;
+            return Ok(true);
+        }
+        ResponseFraming::Length(n) => (Some(n), false),
+        ResponseFraming::Chunked => (None, true),
+        ResponseFraming::UntilClose => (None, false),
+    };
+    let mut sent = 0u64;
+    loop {
+        if limit == Some(sent) {
+            // Everything declared has been sent; the body is dropped (its end, if still to
+            // come, is read by the body itself).
+            shared.write_all(&[&out]).await?;
+            return Ok(true);
+        }
+        let frame = if out.is_empty() {
+            tokio::select! {
+                biased;
+                f = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)) => f,
+                () = client_gone(shared, read_ahead) => return Ok(false),
+            }
+        } else {
+            // Gather what is ready now into one write; write once nothing more is.
+            let polled = std::future::poll_fn(|cx| {
+                Poll::Ready(match Pin::new(&mut body).poll_frame(cx) {
+                    Poll::Ready(f) => Some(f),
+                    Poll::Pending => None,
+                })
+            })
+            .await;
+            match polled {
+                Some(f) => f,
+                None => {
+                    shared.write_all(&[&out]).await?;
+                    out.clear();
+                    continue;
+                }
+            }
+        };
+        match frame {
+            Some(Ok(frame)) => {
+                // Trailers are not passed on (the Responses API sends none).
+                let Ok(mut data) = frame.into_data() else {
+                    continue;
+                };
+                if data.is_empty() {
+                    continue;
+                }
+                if let Some(n) = limit {
+                    let room = usize::try_from(n - sent).unwrap_or(usize::MAX);
+                    if data.len() > room {
+                        // More than the declared length: send what was declared, then close.
+                        data.truncate(room);
+                        shared.write_all(&[&out, &data]).await?;
+                        return Ok(false);
+                    }
+                }
+                sent += data.len() as u64;
+                if chunked {
+                    push_chunk_size(&mut out, data.len());
+                }
+                let tail: &[u8] = if chunked { b"\r\n" } else { b"" };
+                if data.len() <= COPY_LIMIT {
+                    out.extend_from_slice(&data);
+                    out.extend_from_slice(tail);
+                } else {
+                    shared.write_all(&[&out, &data, tail]).await?;
+                    out.clear();
+                }
+            }
+            Some(Err(_)) => {
+                // The upstream broke off: pass on what came, then close without the end.
+                if !out.is_empty() {
+                    let _ = shared.write_all(&[&out]).await;
+                }
+                return Ok(false);
+            }
+            None => {
+                if limit.is_some_and(|n| sent < n) {
+                    let _ = shared.write_all(&[&out]).await;
+                    return Ok(false);
+                }
+                if chunked {
+                    out.extend_from_slice(b"0\r\n\r\n");
+                }
+                shared.write_all(&[&out]).await?;
+                return Ok(true);
+            }
+        }
+    }
+}
+
+/// Appends a chunk-size line.
+fn push_chunk_size(out: &mut Vec<u8>, n: usize) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let digits = (usize::BITS - n.leading_zeros()).div_ceil(4).max(1);
+    for i in (0..digits).rev() {
+        out.push(HEX[(n >> (i * 4)) & 0xf]);
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Ends the connection: the proxy stops sending, then reads and discards what the client
+/// still sends (bounded in time and bytes) so that closing does not reset the connection
+/// before the client has read the answer.
+async fn linger(shared: &Shared) {
+    if sys::shutdown_write(shared.write.as_ref().as_fd()).is_err() {
+        return;
+    }
+    let _ = tokio::time::timeout(LINGER_TIME, async {
+        let mut discarded = 0;
+        while discarded < LINGER_BYTES {
+            let read = std::future::poll_fn(|cx| {
+                let mut st = shared.lock();
+                st.buf.clear();
+                Shared::poll_fill(&mut st, cx)
+            })
+            .await;
+            match read {
+                Ok(0) | Err(_) => return,
+                Ok(n) => discarded += n,
+            }
+        }
+    })
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_sizes_are_lowercase_hex_without_padding() {
+        for (n, want) in [
+            (1usize, "1\r\n"),
+            (15, "f\r\n"),
+            (16, "10\r\n"),
+            (4096, "1000\r\n"),
+            (0xabcdef, "abcdef\r\n"),
+        ] {
+            let mut out = Vec::new();
+            push_chunk_size(&mut out, n);
+            assert_eq!(String::from_utf8_lossy(&out), want);
+        }
+    }
+}

@@ -1,0 +1,408 @@
+//! The client-facing HTTP/1.1 side (`src/conn.rs`), byte by byte: keep-alive after refusals,
+//! bodies that never arrive, malformed and oversized heads, `HEAD`, trickled heads,
+//! `100 Continue` only when the body is wanted, HTTP/1.0 streams, pipelined chunked
+//! requests. Each test reads the proxy's answers off a raw socket.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn head(p: &ProxyProc, token: &str, extra: &str) -> String {
+    format!(
+        "POST /v1/responses HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\nx-proxy-token: {token}\r\n{extra}",
+        p.host(),
+    )
+}
+
+/// One response read off `s`: status, lowercased head text, body (by `Content-Length` or
+/// chunked framing, decoded).
+async fn read_response(s: &mut TcpStream, buf: &mut Vec<u8>) -> (u16, String, Vec<u8>) {
+    tokio::time::timeout(Duration::from_secs(5), async {
+        let end = loop {
+            if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break at + 4;
+            }
+            fill(s, buf).await;
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+        buf.drain(..end);
+        let status = head[9..12].parse().expect("status");
+        let length = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .map(|v| v.trim().parse::<usize>().expect("length"));
+        let body = if let Some(n) = length {
+            while buf.len() < n {
+                fill(s, buf).await;
+            }
+            buf.drain(..n).collect()
+        } else {
+            assert!(head.contains("transfer-encoding: chunked"), "{head}");
+            let mut body = Vec::new();
+            loop {
+                let line_end = loop {
+                    if let Some(at) = buf.windows(2).position(|w| w == b"\r\n") {
+                        break at;
+                    }
+                    fill(s, buf).await;
+                };
+                let size = usize::from_str_radix(
+                    std::str::from_utf8(&buf[..line_end]).expect("size line"),
+                    16,
+                )
+                .expect("hex size");
+                while buf.len() < line_end + 2 + size + 2 {
+                    fill(s, buf).await;
+                }
+                body.extend_from_slice(&buf[line_end + 2..line_end + 2 + size]);
+                buf.drain(..line_end + 2 + size + 2);
+                if size == 0 {
+                    break body;
+                }
+            }
+        };
+        (status, head, body)
+    })
+    .await
+    .expect("a whole response in time")
+}
+
+async fn fill(s: &mut TcpStream, buf: &mut Vec<u8>) {
+    let mut chunk = [0u8; 4096];
+    let n = s.read(&mut chunk).await.expect("read");
+    assert!(n > 0, "closed early: {:?}", String::from_utf8_lossy(buf));
+    buf.extend_from_slice(&chunk[..n]);
+}
+
+/// Whether the proxy closes `s` (reads to the end) within a few seconds.
+async fn closes(s: &mut TcpStream) -> bool {
+    let mut chunk = [0u8; 4096];
+    tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+async fn connect(p: &ProxyProc) -> TcpStream {
+    TcpStream::connect(("127.0.0.1", p.port))
+        .await
+        .expect("connect")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_request_whose_body_is_in_hand_keeps_the_connection() {
+    let up =
+        MockUpstream::plain(|r| Reply::json(200, &format!("{{\"n\":{}}}", r.body.len()))).await;
+    let p = start_proxy(&["--upstream-url", &up.url()]);
+    let mut s = connect(&p).await;
+    let mut buf = Vec::new();
+    // Wrong token, whole body sent: 401, and the connection carries the next request.
+    s.write_all(head(&p, "wrong", "content-length: 5\r\n\r\n{\"a\"}").as_bytes())
+        .await
+        .expect("write");
+    let (status, _, body) = read_response(&mut s, &mut buf).await;
+    assert_eq!(status, 401);
+    assert_eq!(error_code(&body), "invalid_proxy_token");
+    // The same with a chunked body.
+    s.write_all(
+        head(
+            &p,
+            "wrong",
+            "transfer-encoding: chunked\r\n\r\n3\r\n{\"a\r\n2\r\n\"}\r\n0\r\n\r\n",
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("write");
+    let (status, _, _) = read_response(&mut s, &mut buf).await;
+    assert_eq!(status, 401);
+    s.write_all(head(&p, &p.token, "content-length: 3\r\n\r\n{ }").as_bytes())
+        .await
+        .expect("write");
+    let (status, head, body) = read_response(&mut s, &mut buf).await;
+    assert_eq!(status, 200, "{head}");
+    assert_eq!(body, b"{\"n\":3}");
+    assert!(!head.contains("connection: close"), "{head}");
+    assert_eq!(up.count(), 1, "only the authorised request went upstream");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_request_whose_body_has_not_arrived_ends_the_connection() {
+    let up = MockUpstream::plain(|_| Reply::json(200, "{}")).await;
+    let p = start_proxy(&["--upstream-url", &up.url()]);
+    let mut s = connect(&p).await;
+    let mut buf = Vec::new();
+    s.write_all(head(&p, "wrong", "content-length: 100000\r\n\r\n{\"partial\":").as_bytes())
+        .await
+        .expect("write");
+    let (status, head, _) = read_response(&mut s, &mut buf).await;
+    assert_eq!(status, 401);
+    assert!(head.contains("connection: close"), "{head}");
+    // The rest of the body is read and discarded while the proxy closes, not taken for a
+    // request head.
+    let _ = s.write_all(&[b'x'; 4096]).await;
+    assert!(closes(&mut s).await, "closed after the answer");
+    assert_eq!(up.count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heads_that_cannot_be_served_get_json_errors_and_access_lines() {
+    let up = MockUpstream::plain(|_| Reply::json(200, "{}")).await;
+    let p = start_proxy(&["--upstream-url", &up.url(), "--max-header-size", "8KiB"]);
+    let many: String = (0..200).map(|i| format!("x-h{i}: 1\r\n")).collect();
+    for (raw, status, code) in [
+        (
+            "\x16\x03\x01\x02\x00garbage\r\n\r\n".to_string(),
+            400,
+            "malformed_request",
+        ),
+        (
+            head(
+                &p,
+                &p.token,
+                "x-folded: a\r\n  b\r\ncontent-length: 2\r\n\r\n{}",
+            ),
+            400,
+            "malformed_request",
+        ),
+        (
+            head(
+                &p,
+                &p.token,
+                &format!("{many}content-length: 2\r\n\r\n{{}}"),
+            ),
+            431,
+            "request_header_fields_too_large",
+        ),
+        (
+            head(
+                &p,
+                &p.token,
+                &format!("x-big: {}\r\n\r\n", "a".repeat(9000)),
+            ),
+            431,
+            "request_header_fields_too_large",
+        ),
+        (
+            // Over the limit and never finished: refused without waiting for the end.
+            format!("POST /v1/responses HTTP/1.1\r\nx-big: {}", "a".repeat(9000)),
+            431,
+            "request_header_fields_too_large",
+        ),
+    ] {
+        let out = raw_exchange(p.port, raw.as_bytes(), Duration::from_secs(3)).await;
+        let text = String::from_utf8_lossy(&out);
+        assert!(
+            text.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{code}: {text}"
+        );
+        assert!(text.contains("connection: close"), "{text}");
+        let body = &out[text.find("\r\n\r\n").expect("head end") + 4..];
+        assert_eq!(error_code(body), code);
+    }
+    poll_until(Duration::from_secs(3), "access lines", || {
+        let log = p.stderr_text();
+        (log.contains("status=400 ") && log.contains("outcome=malformed_request")).then_some(())
+    });
+    let log = p.stderr_text();
+    assert!(
+        log.contains("outcome=request_header_fields_too_large"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("garbage") && !log.contains("x-folded"),
+        "nothing echoed: {log}"
+    );
+    assert_eq!(up.count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_request_gets_a_head_without_a_body() {
+    let up = MockUpstream::plain(|_| Reply::json(200, "{\"ok\":1}")).await;
+    let p = start_proxy(&["--upstream-url", &up.url()]);
+    let mut s = connect(&p).await;
+    let raw = format!(
+        "HEAD /v1/responses HTTP/1.1\r\nhost: {}\r\nx-proxy-token: {}\r\n\r\n",
+        p.host(),
+        p.token
+    );
+    s.write_all(raw.as_bytes()).await.expect("write");
+    // The head alone: read up to its end, then the next request must be answered next.
+    let mut buf = Vec::new();
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        fill(&mut s, &mut buf).await;
+    }
+    let text = String::from_utf8_lossy(&buf).to_string();
+    assert!(text.starts_with("HTTP/1.1 403 "), "{text}");
+    assert!(
+        text.to_ascii_lowercase().contains("content-length: "),
+        "{text}"
+    );
+    assert!(text.ends_with("\r\n\r\n"), "no body bytes: {text}");
+    buf.clear();
+    s.write_all(head(&p, &p.token, "content-length: 2\r\n\r\n{}").as_bytes())
+        .await
+        .expect("write");
+    let (status, _, body) = read_response(&mut s, &mut buf).await;
+    assert_eq!((status, body.as_slice()), (200, &b"{\"ok\":1}"[..]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_trickled_byte_by_byte_is_served_exactly() {
+    let up = MockUpstream::plain(|_| Reply::json(200, "{}")).await;
+    let p = start_proxy(&["--upstream-url", &up.url()]);
+    let mut s = connect(&p).await;
+    let body = "{\"input\":\"trickle\"}";
+    let raw = head(
+        &p,
+        &p.token,
+        &format!("content-length: {}\r\n\r\n{body}", body.len()),
+    );
+    for b in raw.as_bytes() {
+        s.write_all(&[*b]).await.expect("write");
+        // A pause between bytes so each arrives in its own segment.
+        tokio::time::sleep(Duration::from_micros(300)).await;
+    }
+    let mut buf = Vec::new();
+    let (status, _, _) = read_response(&mut s, &mut buf).await;
+    assert_eq!(status, 200);
+    let reqs = up.requests();
+    assert_eq!(reqs.len(), 1);
+    assert_eq!(reqs[0].body, body.as_bytes());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn continue_is_sent_only_when_the_body_is_wanted() {
+    let up = MockUpstream::plain(|_| Reply::json(200, "{}")).await;
+    let p = start_proxy(&["--upstream-url", &up.url()]);
+    let mut s = connect(&p).await;
+    s.write_all(
+        head(
+            &p,
+            "wrong",
+            "content-length: 2\r\nexpect: 100-continue\r\n\r\n",
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("write");
+    let mut buf = Vec::new();
+    let (status, _, _) = read_response(&mut s, &mut buf).await;
+    assert_eq!(status, 401, "the refusal comes first, without a 100");
+    assert!(
+        closes(&mut s).await,
+        "the unsent body leaves the connection unusable"
+    );
+    assert_eq!(up.count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http10_client_gets_a_stream_delimited_by_close() {
+    let up = MockUpstream::plain(|_| {
+        Reply::sse(vec![
+            Step::Data(Bytes::from_static(b"data: 1\n\n")),
+            Step::Data(Bytes::from_static(b"data: 2\n\n")),
+        ])
+    })
+    .await;
+    let p = start_proxy(&["--upstream-url", &up.url()]);
+    let raw = format!(
+        "POST /v1/responses HTTP/1.0\r\nhost: {}\r\ncontent-type: application/json\r\nx-proxy-token: {}\r\ncontent-length: 2\r\n\r\n{{}}",
+        p.host(),
+        p.token
+    );
+    let out = raw_exchange(p.port, raw.as_bytes(), Duration::from_secs(3)).await;
+    let text = String::from_utf8_lossy(&out);
+    let (head, body) = text.split_once("\r\n\r\n").expect("head");
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    let lower = head.to_ascii_lowercase();
+    assert!(
+        !lower.contains("transfer-encoding") && !lower.contains("content-length"),
+        "{head}"
+    );
+    assert!(lower.contains("connection: close"), "{head}");
+    assert_eq!(body, "data: 1\n\ndata: 2\n\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_of_every_framing_are_answered_in_order() {
+    let up = MockUpstream::plain(|r| {
+        Reply::json(
+            200,
+            &format!("{{\"got\":{:?}}}", String::from_utf8_lossy(&r.body)),
+        )
+    })
+    .await;
+    let p = start_proxy(&["--upstream-url", &up.url()]);
+    let mut s = connect(&p).await;
+    let all = [
+        head(
+            &p,
+            &p.token,
+            "transfer-encoding: chunked\r\n\r\n1\r\n1\r\n0\r\n\r\n",
+        ),
+        head(&p, &p.token, "content-length: 1\r\n\r\n2"),
+        head(&p, "wrong", "content-length: 1\r\n\r\nx"),
+        head(
+            &p,
+            &p.token,
+            "transfer-encoding: chunked\r\n\r\n2;ext=1\r\n33\r\n0\r\nx-t: 1\r\n\r\n",
+        ),
+    ]
+    .concat();
+    s.write_all(all.as_bytes()).await.expect("write");
+    let mut buf = Vec::new();
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        let (status, _, body) = read_response(&mut s, &mut buf).await;
+        got.push((status, String::from_utf8_lossy(&body).to_string()));
+    }
+    assert_eq!(got[0], (200, "{\"got\":\"1\"}".to_string()));
+    assert_eq!(got[1], (200, "{\"got\":\"2\"}".to_string()));
+    assert_eq!(got[2].0, 401);
+    assert_eq!(got[3], (200, "{\"got\":\"33\"}".to_string()));
+    // And one connection carries many requests.
+    for i in 0..50 {
+        let body = format!("{{\"i\":{i}}}");
+        s.write_all(
+            head(
+                &p,
+                &p.token,
+                &format!("content-length: {}\r\n\r\n{body}", body.len()),
+            )
+            .as_bytes(),
+        )
+        .await
+        .expect("write");
+        let (status, _, _) = read_response(&mut s, &mut buf).await;
+        assert_eq!(status, 200);
+    }
+    assert_eq!(up.count(), 53);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_chunked_body_is_refused_and_not_completed_upstream() {
+    let up = MockUpstream::plain(|_| Reply::json(200, "{}")).await;
+    let p = start_proxy(&["--upstream-url", &up.url()]);
+    let raw = head(
+        &p,
+        &p.token,
+        "transfer-encoding: chunked\r\n\r\n2\r\n{}\r\nzz\r\n",
+    );
+    let out = raw_exchange(p.port, raw.as_bytes(), Duration::from_secs(3)).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 400 "), "{text}");
+    assert!(text.contains("request_body_error"), "{text}");
+    assert_eq!(up.count(), 0, "no complete request upstream");
+}
