@@ -326,6 +326,19 @@ enum HeadEnd {
     Refuse(StatusCode, &'static str, &'static str),
 }
 
+const HEAD_TOO_LARGE: HeadEnd = HeadEnd::Refuse(
+    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+    "request_header_fields_too_large",
+    "the request head (request line and headers) is larger than the proxy's --max-header-size, \
+     or has more than 128 header fields",
+);
+const MALFORMED: HeadEnd = HeadEnd::Refuse(
+    StatusCode::BAD_REQUEST,
+    "malformed_request",
+    "the request is not valid HTTP/1.1: the request line or a header line is malformed \
+     (obsolete line folding, a space before a colon and invalid characters are refused)",
+);
+
 /// Serves one connection until it closes.
 pub async fn serve(stream: TcpStream, ctx: Arc<ConnContext>, mut drain: watch::Receiver<bool>) {
     let (read, write) = stream.into_split();
@@ -390,6 +403,9 @@ pub async fn serve(stream: TcpStream, ctx: Arc<ConnContext>, mut drain: watch::R
         };
         {
             let mut st = shared.lock();
+            // From here on the connection writes the response: a `100 Continue` owed to a
+            // body nobody asked for yet must never land inside it.
+            st.send_continue = false;
             if !st.body_alive {
                 discard_buffered_body(&mut st);
             }
@@ -460,30 +476,14 @@ async fn read_head(
                     Ok(Some(head)) => return Ok(head),
                     Ok(None) => {}
                     Err(RequestHeadError::TooLarge) => {
-                        return Err(HeadEnd::Refuse(
-                            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                            "request_header_fields_too_large",
-                            "the request head (request line and headers) is larger than the \
-                             proxy's --max-header-size, or has more than 128 header fields",
-                        ));
+                        return Err(HEAD_TOO_LARGE);
                     }
                     Err(RequestHeadError::Malformed) => {
-                        return Err(HeadEnd::Refuse(
-                            StatusCode::BAD_REQUEST,
-                            "malformed_request",
-                            "the request is not valid HTTP/1.1: the request line or a header \
-                             line is malformed (obsolete line folding, a space before a colon \
-                             and invalid characters are refused)",
-                        ));
+                        return Err(MALFORMED);
                     }
                 }
             } else if st.buf.len() > limits.max_header_size {
-                return Err(HeadEnd::Refuse(
-                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                    "request_header_fields_too_large",
-                    "the request head (request line and headers) is larger than the proxy's \
-                     --max-header-size, or has more than 128 header fields",
-                ));
+                return Err(HEAD_TOO_LARGE);
             }
             scanned = st.buf.len();
             !st.buf.is_empty()
