@@ -529,6 +529,9 @@ async fn sse_run(t: &Target, n: u64, gap: Duration, fails: &Failures) -> SseRun 
 
 /// One SSE exchange on an open connection.
 async fn sse_on(s: &mut Sender, t: &Target, n: u64, gap: Duration, fails: &Failures) -> SseRun {
+    // The previous exchange on this connection may still be finishing (its last chunk
+    // read, the connection not yet idle).
+    s.ready().await.expect("sse: connection ready");
     let t0 = Instant::now();
     let resp = s
         .send_request(request(

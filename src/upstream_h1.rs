@@ -12,6 +12,7 @@
 //! the zeroing allocator) as soon as it is written; an idle pooled connection holds no
 //! buffer at all.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -424,22 +425,17 @@ impl H1Body {
     }
 
     /// Reads more from the upstream into `buf`: the number of bytes read (0 at its end).
+    /// (Through tokio's `poll_read`, which takes a short read as proof that the socket is
+    /// drained: the next poll waits for readiness instead of spending a read on `EAGAIN`,
+    /// and the pool's liveness check at checkout needs no read either.)
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        let Some(stream) = self.stream.as_ref() else {
+        let Some(stream) = self.stream.as_mut() else {
             return Poll::Ready(Ok(0));
         };
-        loop {
-            ready!(stream.poll_read_ready(cx))?;
-            let offered = self.size.prepare(&mut self.buf);
-            match stream.try_read_buf(&mut self.buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Ok(got) => {
-                    self.size.record(offered, got);
-                    return Poll::Ready(Ok(got));
-                }
-                r => return Poll::Ready(r),
-            }
-        }
+        let offered = self.size.prepare(&mut self.buf);
+        let got = ready!(std::pin::pin!(stream.read_buf(&mut self.buf)).poll(cx))?;
+        self.size.record(offered, got);
+        Poll::Ready(Ok(got))
     }
 
     fn fail(&mut self, e: impl Into<BoxError>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
