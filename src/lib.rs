@@ -175,9 +175,9 @@ async fn drain_signal(mut rx: watch::Receiver<Option<Duration>>) -> Duration {
 /// Binds, announces, serves until SIGTERM/SIGINT or `GET /shutdown`, then cleans up.
 ///
 /// `--worker-threads` threads serve connections, the calling thread being the first. Each
-/// runs its own single-threaded event loop, accepts from its own descriptor of the one
-/// listening socket and keeps its own upstream pool, so a request is handled start to end
-/// on one thread with no cross-thread wake-ups.
+/// runs its own single-threaded event loop and keeps its own upstream pool, so a request is
+/// handled start to end on one thread with no cross-thread wake-ups. The calling thread
+/// accepts and gives each connection to the worker with the fewest live connections.
 pub fn serve(p: Prepared) -> Result<(), RunError> {
     let Prepared {
         config,
@@ -219,29 +219,28 @@ pub fn serve(p: Prepared) -> Result<(), RunError> {
     let upstream_text = upstream_for_log(upstream.uri());
     let proxy = Arc::new(Proxy::new(&config, port, token, key, dumper, stop_tx));
 
+    let loads = server::Loads::new(config.worker_threads);
     let mut workers = Vec::with_capacity(config.worker_threads.saturating_sub(1));
+    let mut handoffs = Vec::with_capacity(config.worker_threads.saturating_sub(1));
     for i in 1..config.worker_threads {
         let event_loop = event_loop()?;
-        let listener = listener
-            .try_clone()
-            .map_err(|e| RunError::Runtime(format!("cannot share the listener: {e}")))?;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        handoffs.push(tx);
         let (proxy, upstream) = (Arc::clone(&proxy), upstream.with_own_pool());
-        let (cap, drain) = (cap.clone(), drain_rx.clone());
+        let (cap, drain, loads) = (cap.clone(), drain_rx.clone(), loads.clone());
         let worker = std::thread::Builder::new()
             .name(format!("worker-{i}"))
             .spawn(move || {
-                event_loop.block_on(async move {
-                    match TcpListener::from_std(listener) {
-                        Ok(l) => {
-                            server::run(l, proxy, upstream, limits, cap, drain_signal(drain)).await
-                        }
-                        Err(e) => logger.event(
-                            LogLevel::Error,
-                            "a worker could not use the listener",
-                            &[("reason", &e.to_string())],
-                        ),
-                    }
-                });
+                event_loop.block_on(server::run(
+                    server::Intake::Handed(rx),
+                    i,
+                    loads,
+                    proxy,
+                    upstream,
+                    limits,
+                    cap,
+                    drain_signal(drain),
+                ));
                 event_loop.shutdown_timeout(Duration::from_millis(200));
             })
             .map_err(|e| RunError::Runtime(format!("cannot start a worker thread: {e}")))?;
@@ -282,7 +281,11 @@ pub fn serve(p: Prepared) -> Result<(), RunError> {
             let _ = drain_tx.send(Some(grace));
             grace
         };
-        server::run(listener, proxy, upstream, limits, cap, shutdown).await;
+        let intake = server::Intake::Accept {
+            listener,
+            others: handoffs,
+        };
+        server::run(intake, 0, loads, proxy, upstream, limits, cap, shutdown).await;
         Ok(())
     });
     // Each worker drains within the same grace period.

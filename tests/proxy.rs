@@ -718,3 +718,76 @@ async fn worker_threads_flag_sets_the_serving_threads() {
     }
     assert_eq!(up.count(), 48);
 }
+
+/// The descriptors registered with each epoll instance of `pid` (an instance reached
+/// through several descriptors, as mio keeps a duplicate, is listed once).
+fn registered_per_event_loop(pid: u32) -> std::collections::BTreeSet<Vec<u64>> {
+    let mut out = std::collections::BTreeSet::new();
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return out;
+    };
+    for fd in fds.flatten() {
+        let is_epoll = std::fs::read_link(fd.path())
+            .map(|l| l.to_string_lossy().contains("eventpoll"))
+            .unwrap_or(false);
+        if is_epoll {
+            let name = fd.file_name().to_string_lossy().into_owned();
+            let info =
+                std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{name}")).unwrap_or_default();
+            let mut targets: Vec<u64> = info
+                .lines()
+                .filter_map(|l| l.strip_prefix("tfd:"))
+                .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+                .collect();
+            targets.sort_unstable();
+            out.insert(targets);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_opened_together_are_spread_over_the_workers() {
+    let hold = Arc::new(Notify::new());
+    let h = Arc::clone(&hold);
+    let up = MockUpstream::plain(move |_| {
+        Reply::sse(vec![
+            Step::Data(Bytes::from_static(b"data: 1\n\n")),
+            Step::Wait(Arc::clone(&h)),
+        ])
+    })
+    .await;
+    let p = start_proxy(&["--upstream-url", &up.url(), "--worker-threads", "2"]);
+    let pid = p.child.id();
+    let before = registered_per_event_loop(pid);
+    // Four streams opened at once, all held open by the upstream.
+    let opened: Vec<_> = (0..4)
+        .map(|_| tokio::spawn(send(p.port, p.responses_request("{}"))))
+        .collect();
+    let mut streams = Vec::new();
+    for t in opened {
+        let mut body = t.await.expect("task").into_body();
+        let _ = body.frame().await;
+        streams.push(body);
+    }
+    // Each client socket and its upstream connection are registered with the event loop
+    // of the worker serving them: two workers, so two event loops have grown.
+    let before_all: std::collections::BTreeSet<u64> = before.iter().flatten().copied().collect();
+    let grown = |now: &std::collections::BTreeSet<Vec<u64>>| -> Vec<usize> {
+        now.iter()
+            .map(|fds| fds.iter().filter(|fd| !before_all.contains(fd)).count())
+            .filter(|&g| g > 0)
+            .collect()
+    };
+    let after = poll_until_async(Duration::from_secs(5), "sockets registered", || {
+        let now = registered_per_event_loop(pid);
+        (grown(&now).iter().sum::<usize>() >= 8).then_some(now)
+    })
+    .await;
+    let g = grown(&after);
+    assert!(
+        g.len() == 2 && g.iter().all(|&n| n >= 2),
+        "new sockets per event loop {g:?} (before {before:?}, after {after:?})"
+    );
+    drop(streams);
+}
