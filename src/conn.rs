@@ -122,17 +122,22 @@ impl Shared {
         let mut skip = 0usize;
         let total: usize = parts.iter().map(|p| p.len()).sum();
         while skip < total {
-            let mut slices = Vec::with_capacity(parts.len());
+            // At most three parts at a time (head, data, framing); the rest on the next round.
+            let mut slices = [io::IoSlice::new(&[]); 3];
+            let mut used = 0;
             let mut offset = skip;
             for p in parts {
                 if offset >= p.len() {
                     offset -= p.len();
                     continue;
                 }
-                slices.push(io::IoSlice::new(&p[offset..]));
+                if let Some(slot) = slices.get_mut(used) {
+                    *slot = io::IoSlice::new(&p[offset..]);
+                    used += 1;
+                }
                 offset = 0;
             }
-            match self.write.try_write_vectored(&slices) {
+            match self.write.try_write_vectored(&slices[..used]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => skip += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.write.writable().await?,
@@ -468,6 +473,15 @@ async fn read_head(
     // arrives after it, so a head trickling in is not parsed again for every byte.
     let mut scanned = 0;
     let mut deadline = None;
+    {
+        // Between requests: a buffer grown for a large body goes back to its first size, so
+        // an idle connection holds a few KiB at most.
+        let mut st = shared.lock();
+        if st.buf.is_empty() && st.size.0 > ReadSize::FIRST {
+            st.buf = BytesMut::new();
+            st.size = ReadSize(ReadSize::FIRST);
+        }
+    }
     loop {
         let started = {
             let mut st = shared.lock();
