@@ -136,7 +136,7 @@ pub fn parse_response_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, H
         _ => return Err(H1Error::MalformedHead),
     };
     let head = buf.split_to(len).freeze();
-    let headers = header_map(&head, spans.get()).ok_or(H1Error::MalformedHead)?;
+    let headers = header_map(&head, &spans).ok_or(H1Error::MalformedHead)?;
     Ok(Some(ResponseHead {
         status,
         version,
@@ -145,38 +145,20 @@ pub fn parse_response_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, H
 }
 
 /// Where each field's name and value lie in a head: name start and end, value start and
-/// end, as offsets into the head's bytes (on the stack: no allocation per head).
-struct Spans {
-    at: [(usize, usize, usize, usize); MAX_FIELDS],
-    len: usize,
-}
-
-/// The most fields either parser accepts.
-const MAX_FIELDS: usize = if MAX_REQUEST_HEADERS > MAX_RESPONSE_HEADERS {
-    MAX_REQUEST_HEADERS
-} else {
-    MAX_RESPONSE_HEADERS
-};
-
-impl Spans {
-    fn get(&self) -> &[(usize, usize, usize, usize)] {
-        &self.at[..self.len.min(MAX_FIELDS)]
-    }
-}
+/// end, as offsets into the head's bytes. (A small vector: a fixed array on the stack
+/// would have to be cleared, 4 KiB per head, which costs more than the allocation.)
+type Spans = Vec<(usize, usize, usize, usize)>;
 
 fn spans_of(base: &[u8], fields: &[httparse::Header<'_>]) -> Spans {
     let base = base.as_ptr() as usize;
-    let mut spans = Spans {
-        at: [(0, 0, 0, 0); MAX_FIELDS],
-        len: 0,
-    };
-    for (slot, f) in spans.at.iter_mut().zip(fields) {
-        let name = f.name.as_ptr() as usize - base;
-        let value = f.value.as_ptr() as usize - base;
-        *slot = (name, name + f.name.len(), value, value + f.value.len());
-        spans.len += 1;
-    }
-    spans
+    fields
+        .iter()
+        .map(|f| {
+            let name = f.name.as_ptr() as usize - base;
+            let value = f.value.as_ptr() as usize - base;
+            (name, name + f.name.len(), value, value + f.value.len())
+        })
+        .collect()
 }
 
 /// The header fields of a parsed head, validated; the values share the head's bytes.
@@ -270,7 +252,7 @@ pub fn parse_request_head(
     let bare_lf = memchr::memchr_iter(b'\n', &head).any(|at| at == 0 || head[at - 1] != b'\r');
     let uri = Uri::from_maybe_shared(head.slice(target.0..target.1))
         .map_err(|_| RequestHeadError::Malformed)?;
-    let headers = header_map(&head, spans.get()).ok_or(RequestHeadError::Malformed)?;
+    let headers = header_map(&head, &spans).ok_or(RequestHeadError::Malformed)?;
     Ok(Some(RequestHead {
         method,
         uri,
