@@ -813,6 +813,28 @@ async fn cpu_only(n: usize) {
     let up = start_upstream().await;
     let fails = Arc::new(Failures::default());
     let (_p, t, _) = start_proxy(&format!("http://{}/v1/responses", up.addr), None);
+    // For comparison, nginx's split over the same load first (when it is installed).
+    if std::env::var_os("BENCH_CPU_NGINX").is_some()
+        && let Some((_nginx, target)) = start_nginx(up.addr)
+    {
+        let pids = pids_of(&target);
+        let split = || {
+            pids.iter()
+                .map(|&p| cpu_split(p))
+                .fold((0, 0), |(u, s), (du, ds)| (u + du, s + ds))
+        };
+        let before = split();
+        let t0 = Instant::now();
+        let per_10k = cpu_per_10k(&target, n, &fails).await;
+        let after = split();
+        println!(
+            "nginx: {} requests in {:?}: CPU {per_10k:.1} ms per 10k (user {} ms, system {} ms)",
+            n / 16 * 16,
+            t0.elapsed(),
+            (after.0 - before.0) * 10,
+            (after.1 - before.1) * 10
+        );
+    }
     let pid = t.pid.unwrap_or(0);
     println!("proxy pid {pid}");
     let t0 = Instant::now();
