@@ -113,14 +113,11 @@ pub fn parse_response_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, H
             buf,
             &mut fields,
         );
-        let len = match parsed {
-            Ok(httparse::Status::Complete(len)) => len,
-            Ok(httparse::Status::Partial) if buf.len() > MAX_RESPONSE_HEAD => {
-                return Err(H1Error::HeadTooLarge);
-            }
-            Ok(httparse::Status::Partial) => return Ok(None),
-            Err(httparse::Error::TooManyHeaders) => return Err(H1Error::HeadTooLarge),
-            Err(_) => return Err(H1Error::MalformedHead),
+        let len = match attempt(parsed, buf.len(), MAX_RESPONSE_HEAD) {
+            Attempt::Complete(len) => len,
+            Attempt::Partial => return Ok(None),
+            Attempt::TooLarge => return Err(H1Error::HeadTooLarge),
+            Attempt::Malformed => return Err(H1Error::MalformedHead),
         };
         (len, resp.code, resp.version, spans_of(buf, resp.headers))
     };
@@ -142,6 +139,28 @@ pub fn parse_response_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, H
         version,
         headers,
     }))
+}
+
+/// How one attempt to parse a head ended.
+enum Attempt {
+    /// Complete: the head's length.
+    Complete(usize),
+    /// More bytes are needed (and the limit is not passed yet).
+    Partial,
+    /// More bytes than `max` without an end, or too many fields.
+    TooLarge,
+    /// Not a valid head.
+    Malformed,
+}
+
+fn attempt(parsed: httparse::Result<usize>, buffered: usize, max: usize) -> Attempt {
+    match parsed {
+        Ok(httparse::Status::Complete(len)) => Attempt::Complete(len),
+        Ok(httparse::Status::Partial) if buffered > max => Attempt::TooLarge,
+        Ok(httparse::Status::Partial) => Attempt::Partial,
+        Err(httparse::Error::TooManyHeaders) => Attempt::TooLarge,
+        Err(_) => Attempt::Malformed,
+    }
 }
 
 /// Where each field's name and value lie in a head: name start and end, value start and
@@ -216,14 +235,11 @@ pub fn parse_request_head(
             buf,
             &mut fields,
         );
-        let len = match parsed {
-            Ok(httparse::Status::Complete(len)) => len,
-            Ok(httparse::Status::Partial) if buf.len() > max_head => {
-                return Err(RequestHeadError::TooLarge);
-            }
-            Ok(httparse::Status::Partial) => return Ok(None),
-            Err(httparse::Error::TooManyHeaders) => return Err(RequestHeadError::TooLarge),
-            Err(_) => return Err(RequestHeadError::Malformed),
+        let len = match attempt(parsed, buf.len(), max_head) {
+            Attempt::Complete(len) => len,
+            Attempt::Partial => return Ok(None),
+            Attempt::TooLarge => return Err(RequestHeadError::TooLarge),
+            Attempt::Malformed => return Err(RequestHeadError::Malformed),
         };
         let base = buf.as_ptr() as usize;
         let (Some(method), Some(path)) = (req.method, req.path) else {
