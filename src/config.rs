@@ -88,7 +88,8 @@ pub struct Args {
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub header_read_timeout: Duration,
 
-    /// Longest wait for the next byte of a request body from the client (408 after it).
+    /// Longest wait for the next byte of a request body from the client (408 after it), and
+    /// for a client to read any of a response (the connection is closed after it).
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
     pub body_read_timeout: Duration,
 

@@ -89,6 +89,8 @@ struct ReadState {
 
 struct Shared {
     write: OwnedWriteHalf,
+    /// Longest a write waits for the client to make room (`--body-read-timeout`).
+    write_stall: Duration,
     state: Mutex<ReadState>,
 }
 
@@ -140,7 +142,15 @@ impl Shared {
             match self.write.try_write_vectored(&slices[..used]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => skip += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.write.writable().await?,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // A client that reads nothing for this long is gone in all but name: the
+                    // connection closes and the upstream request is cancelled. (Socket
+                    // buffers hold megabytes, so a client reading at any pace never waits
+                    // here that long.)
+                    tokio::time::timeout(self.write_stall, self.write.writable())
+                        .await
+                        .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -349,6 +359,7 @@ pub async fn serve(stream: TcpStream, ctx: Arc<ConnContext>, mut drain: watch::R
     let (read, write) = stream.into_split();
     let shared = Arc::new(Shared {
         write,
+        write_stall: ctx.limits.client_write_stall,
         state: Mutex::new(ReadState {
             read,
             buf: BytesMut::new(),

@@ -214,6 +214,7 @@ pub fn serve(p: Prepared) -> Result<(), RunError> {
         max_connections: config.max_connections,
         header_read_timeout: config.header_read_timeout,
         max_header_size: config.max_header_size,
+        client_write_stall: config.body_read_timeout,
     };
     let cap = server::ConnectionCap::new(config.max_connections);
     let upstream_text = upstream_for_log(upstream.uri());

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, DATE};
+use http::header::{CACHE_CONTROL, CONTENT_TYPE, DATE};
 use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
 use tokio::sync::watch;
 
@@ -72,15 +72,6 @@ fn path_label(path: &str) -> &'static str {
         gate::RESPONSES_PATH => gate::RESPONSES_PATH,
         gate::SHUTDOWN_PATH => gate::SHUTDOWN_PATH,
         _ => "<other>",
-    }
-}
-
-/// The value of a single, valid `Content-Length`.
-fn content_length(headers: &http::HeaderMap) -> Option<u64> {
-    let mut values = headers.get_all(CONTENT_LENGTH).iter();
-    match (values.next(), values.next()) {
-        (Some(v), None) => v.to_str().ok()?.parse().ok(),
-        _ => None,
     }
 }
 
@@ -222,7 +213,11 @@ impl Proxy {
         start: Instant,
         mut record: AccessRecord,
     ) -> Response<ProxyBody> {
-        if content_length(&parts.headers).is_some_and(|n| n > self.max_request_body) {
+        // The declared length, as the connection framed the body (already parsed once).
+        if http_body::Body::size_hint(&body)
+            .exact()
+            .is_some_and(|n| n > self.max_request_body)
+        {
             return self.finish_error(&mut record, start, None, ProxyError::TooLarge);
         }
         let state = Arc::new(ExchangeState::new(start));

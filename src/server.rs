@@ -29,6 +29,9 @@ pub struct ServerLimits {
     pub header_read_timeout: Duration,
     /// Largest request head.
     pub max_header_size: usize,
+    /// Longest a response write may wait for a client that reads nothing
+    /// (`--body-read-timeout`, the client-side silence limit both ways).
+    pub client_write_stall: Duration,
 }
 
 /// Most connections being turned away (503) at once; beyond that they are just closed.

@@ -208,6 +208,10 @@ async fn heads_that_cannot_be_served_get_json_errors_and_access_lines() {
             "{code}: {text}"
         );
         assert!(text.contains("connection: close"), "{text}");
+        assert!(
+            text.contains("\r\ndate: "),
+            "errors the proxy makes are dated: {text}"
+        );
         let body = &out[text.find("\r\n\r\n").expect("head end") + 4..];
         assert_eq!(error_code(body), code);
     }
@@ -405,4 +409,33 @@ async fn a_malformed_chunked_body_is_refused_and_not_completed_upstream() {
     assert!(text.starts_with("HTTP/1.1 400 "), "{text}");
     assert!(text.contains("request_body_error"), "{text}");
     assert_eq!(up.count(), 0, "no complete request upstream");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_reads_nothing_is_cut_off_after_the_body_read_timeout() {
+    // Far more than every socket buffer between the upstream and the client holds.
+    let chunk = Bytes::from(vec![b'x'; 1 << 20]);
+    let up = MockUpstream::plain(move |_| {
+        Reply::sse((0..48).map(|_| Step::Data(chunk.clone())).collect())
+    })
+    .await;
+    let p = start_proxy(&["--upstream-url", &up.url(), "--body-read-timeout", "300ms"]);
+    let mut s = connect(&p).await;
+    s.write_all(head(&p, &p.token, "content-length: 2\r\n\r\n{}").as_bytes())
+        .await
+        .expect("write");
+    // The client never reads: once the buffers are full the proxy waits 300 ms, then
+    // closes the connection and cancels the upstream request.
+    poll_until_async(
+        Duration::from_secs(15),
+        "upstream request cancelled",
+        || (!up.state.cancelled.lock().expect("lock").is_empty()).then_some(()),
+    )
+    .await;
+    poll_until(Duration::from_secs(5), "access line", || {
+        p.stderr_text()
+            .contains("outcome=client_closed")
+            .then_some(())
+    });
+    drop(s);
 }

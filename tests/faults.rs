@@ -158,6 +158,10 @@ async fn slow_heads_get_408_and_idle_connections_close_quietly() {
         String::from_utf8_lossy(&out)
     );
     assert!(String::from_utf8_lossy(&out).contains("request_timeout"));
+    poll_until(Duration::from_secs(3), "access line for the 408", || {
+        let log = p.stderr_text();
+        (log.contains("status=408") && log.contains("outcome=request_timeout")).then_some(())
+    });
     // A connection that never sends anything is closed without a word.
     let mut s = TcpStream::connect(("127.0.0.1", p.port))
         .await
