@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::CONNECTION;
-use http::{Method, Request, Response, StatusCode, Version};
+use http::{Method, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
@@ -27,7 +27,6 @@ use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
 use crate::body::{BoxError, ProxyBody};
-use crate::gate::AmbiguousFraming;
 use crate::h1::{self, Chunked, RequestFraming, RequestHead, RequestHeadError, ResponseFraming};
 use crate::proxy::{Proxy, error_body, json_response};
 use crate::server::ServerLimits;
@@ -386,7 +385,7 @@ pub async fn serve(stream: TcpStream, ctx: Arc<ConnContext>, mut drain: watch::R
                 return;
             }
         };
-        let framing = h1::request_framing(&head.headers, head.version);
+        let framing = h1::request_framing(&head.fields, head.version);
         let ambiguous = head.bare_lf || framing == RequestFraming::Invalid;
         let mut keep_alive = h1::request_keeps_alive(&head) && !ambiguous;
         let http11 = head.version == Version::HTTP_11;
@@ -411,10 +410,9 @@ pub async fn serve(stream: TcpStream, ctx: Arc<ConnContext>, mut drain: watch::R
             remaining,
             ended: remaining == Some(0),
         };
-        let req = request(head, body, ambiguous);
         let resp = tokio::select! {
             biased;
-            resp = ctx.proxy.handle(&ctx.upstream, req) => resp,
+            resp = ctx.proxy.handle(&ctx.upstream, head, body, ambiguous) => resp,
             () = client_gone(&shared, read_ahead) => return,
         };
         {
@@ -457,19 +455,6 @@ pub async fn serve(stream: TcpStream, ctx: Arc<ConnContext>, mut drain: watch::R
             Ok(false) | Err(_) => return,
         }
     }
-}
-
-/// The request handed to the proxy; its body reads from the connection.
-fn request(head: RequestHead, body: ClientBody, ambiguous: bool) -> Request<ClientBody> {
-    let mut req = Request::new(body);
-    *req.method_mut() = head.method;
-    *req.uri_mut() = head.uri;
-    *req.version_mut() = head.version;
-    *req.headers_mut() = head.headers;
-    if ambiguous {
-        req.extensions_mut().insert(AmbiguousFraming);
-    }
-    req
 }
 
 /// Reads until a whole request head is buffered, within `--header-read-timeout` (which is

@@ -4,30 +4,18 @@
 //! proxy token, and only then the method and path, so a caller without the token learns
 //! nothing about what exists.
 //!
-//! No IO, no tokio: it takes `http` values and returns a value.
+//! No IO, no tokio: it takes the parsed head and returns a value.
 
-use http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST, ORIGIN, TRANSFER_ENCODING};
-use http::{HeaderMap, HeaderName, Method, StatusCode, Uri};
+use http::{Method, StatusCode, Uri};
 
+use crate::fields::{Fields, Name, Occurs, visible_ascii};
 use crate::token::ProxyToken;
-
-/// The header a client may carry the proxy token in (it takes precedence over
-/// `Authorization: Bearer`).
-pub const PROXY_TOKEN_HEADER: HeaderName = HeaderName::from_static("x-proxy-token");
-
-/// Browsers send Fetch Metadata on every request they make; command-line clients never do.
-const SEC_FETCH_SITE: HeaderName = HeaderName::from_static("sec-fetch-site");
 
 /// The path that is forwarded.
 pub const RESPONSES_PATH: &str = "/v1/responses";
 
 /// The path that stops the proxy when `--http-shutdown` is on.
 pub const SHUTDOWN_PATH: &str = "/shutdown";
-
-/// Request extension set by the server when the raw bytes of this request's head had an
-/// ambiguous framing shape that the HTTP parser normalised (bare LF, CL with TE).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AmbiguousFraming;
 
 /// What the gate needs to know about this launch.
 #[derive(Debug, Clone, Copy)]
@@ -162,62 +150,61 @@ const fn const_concat_wrong() -> &'static str {
 pub fn check(
     method: &Method,
     uri: &Uri,
-    headers: &HeaderMap,
+    fields: &Fields,
     policy: &GatePolicy<'_>,
 ) -> Result<Route, Refusal> {
-    check_head(method, uri, headers, false, policy)
+    check_head(method, uri, fields, false, policy)
 }
 
 /// [`check`], told whether the raw head had an ambiguous framing shape.
 pub fn check_head(
     method: &Method,
     uri: &Uri,
-    headers: &HeaderMap,
+    fields: &Fields,
     raw_ambiguous: bool,
     policy: &GatePolicy<'_>,
 ) -> Result<Route, Refusal> {
     // 0. Framing that two HTTP parsers could read differently is never passed on.
-    if raw_ambiguous || !framing_is_unambiguous(headers) {
+    if raw_ambiguous || !framing_is_unambiguous(fields) {
         return Err(Refusal::AmbiguousFraming);
     }
     // 1. Browsers: any Origin (any value, even "null"), or any Fetch Metadata.
-    if headers.contains_key(ORIGIN) || headers.contains_key(SEC_FETCH_SITE) {
+    if fields.contains(Name::Origin) || fields.contains(Name::SecFetchSite) {
         return Err(Refusal::BrowserRequest);
     }
     // 2. Host: exactly one, naming loopback and our port (DNS rebinding defence).
-    if !host_is_ours(headers, policy.port) {
+    if !host_is_ours(fields, policy.port) {
         return Err(Refusal::BadHost);
     }
     // 3. A body must be declared JSON (browsers cannot send that cross-origin without a
     //    preflight, which step 1 and the absence of CORS headers make fail).
-    if has_body(headers) && !is_json(headers) {
+    if has_body(fields) && !is_json(fields) {
         return Err(Refusal::UnsupportedMediaType);
     }
     // 4. The token.
-    check_token(headers, policy.token)?;
+    check_token(fields, policy.token)?;
     // 5. Method and path.
-    route(method, uri, headers, policy.http_shutdown).ok_or(Refusal::NotAllowed)
+    route(method, uri, fields, policy.http_shutdown).ok_or(Refusal::NotAllowed)
 }
 
 /// At most one `Content-Length`, or exactly `Transfer-Encoding: chunked` alone, or neither.
-pub fn framing_is_unambiguous(headers: &HeaderMap) -> bool {
-    let lengths = headers.get_all(CONTENT_LENGTH).iter().count();
-    let mut te = headers.get_all(TRANSFER_ENCODING).iter();
-    match (te.next(), te.next()) {
-        (None, _) => lengths <= 1,
-        (Some(v), None) => {
-            lengths == 0 && v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked")
-        }
+pub fn framing_is_unambiguous(fields: &Fields) -> bool {
+    match (
+        fields.occurs(Name::TransferEncoding),
+        fields.occurs(Name::ContentLength),
+    ) {
+        (Occurs::Never, Occurs::Repeated) => false,
+        (Occurs::Never, _) => true,
+        (Occurs::Once(te), Occurs::Never) => te.trim_ascii().eq_ignore_ascii_case(b"chunked"),
         _ => false,
     }
 }
 
-fn host_is_ours(headers: &HeaderMap, port: u16) -> bool {
-    let mut values = headers.get_all(HOST).iter();
-    let (Some(host), None) = (values.next(), values.next()) else {
+fn host_is_ours(fields: &Fields, port: u16) -> bool {
+    let Occurs::Once(host) = fields.occurs(Name::Host) else {
         return false;
     };
-    let Ok(host) = host.to_str() else {
+    let Some(host) = visible_ascii(host) else {
         return false;
     };
     let Some((name, host_port)) = host.rsplit_once(':') else {
@@ -231,47 +218,39 @@ fn host_is_ours(headers: &HeaderMap, port: u16) -> bool {
 
 /// Whether the head announces a body: a `Transfer-Encoding`, or a `Content-Length` other
 /// than a single `0`.
-fn has_body(headers: &HeaderMap) -> bool {
-    if headers.contains_key(TRANSFER_ENCODING) {
+fn has_body(fields: &Fields) -> bool {
+    if fields.contains(Name::TransferEncoding) {
         return true;
     }
-    let mut lengths = headers.get_all(CONTENT_LENGTH).iter();
-    match (lengths.next(), lengths.next()) {
-        (None, _) => false,
-        (Some(v), None) => v.as_bytes() != b"0",
-        _ => true,
+    match fields.occurs(Name::ContentLength) {
+        Occurs::Never => false,
+        Occurs::Once(v) => v != b"0",
+        Occurs::Repeated => true,
     }
 }
 
 /// Exactly one `Content-Type` whose media type is `application/json`, any case, with or
 /// without parameters.
-fn is_json(headers: &HeaderMap) -> bool {
-    let mut values = headers.get_all(CONTENT_TYPE).iter();
-    let (Some(ct), None) = (values.next(), values.next()) else {
+fn is_json(fields: &Fields) -> bool {
+    let Occurs::Once(ct) = fields.occurs(Name::ContentType) else {
         return false;
     };
-    let Ok(ct) = ct.to_str() else {
+    let Some(ct) = visible_ascii(ct) else {
         return false;
     };
     let media_type = ct.split(';').next().unwrap_or("").trim();
     media_type.eq_ignore_ascii_case("application/json")
 }
 
-fn check_token(headers: &HeaderMap, token: &ProxyToken) -> Result<(), Refusal> {
-    let mut explicit = headers.get_all(PROXY_TOKEN_HEADER).iter();
-    let presented = match (explicit.next(), explicit.next()) {
-        (Some(v), None) => v.as_bytes(),
-        (Some(_), Some(_)) => return Err(Refusal::MalformedToken),
-        (None, _) => {
-            let mut auth = headers.get_all(AUTHORIZATION).iter();
-            match (auth.next(), auth.next()) {
-                (None, _) => return Err(Refusal::MissingToken),
-                (Some(_), Some(_)) => return Err(Refusal::MalformedToken),
-                (Some(v), None) => {
-                    bearer_credentials(v.as_bytes()).ok_or(Refusal::MalformedToken)?
-                }
-            }
-        }
+fn check_token(fields: &Fields, token: &ProxyToken) -> Result<(), Refusal> {
+    let presented = match fields.occurs(Name::ProxyToken) {
+        Occurs::Once(v) => v,
+        Occurs::Repeated => return Err(Refusal::MalformedToken),
+        Occurs::Never => match fields.occurs(Name::Authorization) {
+            Occurs::Never => return Err(Refusal::MissingToken),
+            Occurs::Repeated => return Err(Refusal::MalformedToken),
+            Occurs::Once(v) => bearer_credentials(v).ok_or(Refusal::MalformedToken)?,
+        },
     };
     if presented.is_empty() {
         return Err(Refusal::MalformedToken);
@@ -294,12 +273,12 @@ fn bearer_credentials(value: &[u8]) -> Option<&[u8]> {
     Some(&rest[start..])
 }
 
-fn route(method: &Method, uri: &Uri, headers: &HeaderMap, http_shutdown: bool) -> Option<Route> {
+fn route(method: &Method, uri: &Uri, fields: &Fields, http_shutdown: bool) -> Option<Route> {
     // Absolute-form targets (proxy requests), queries and upgrades are never served.
     if uri.scheme().is_some() || uri.authority().is_some() || uri.query().is_some() {
         return None;
     }
-    if headers.contains_key(http::header::UPGRADE) {
+    if fields.contains(Name::Upgrade) {
         return None;
     }
     match (method, uri.path()) {
@@ -312,7 +291,7 @@ fn route(method: &Method, uri: &Uri, headers: &HeaderMap, http_shutdown: bool) -
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderValue;
+    use http::{HeaderMap, HeaderName, HeaderValue};
 
     const PORT: u16 = 4242;
 
@@ -376,7 +355,7 @@ mod tests {
         check(
             &case.method.parse().expect("method"),
             &case.target.parse().expect("uri"),
-            &headers,
+            &Fields::from_header_map(&headers),
             &policy,
         )
     }

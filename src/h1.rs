@@ -10,8 +10,10 @@
 //! client gets 400 or 431 and the connection ends; an upstream's answer becomes a 502.
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{CONNECTION, CONTENT_LENGTH, EXPECT, TRANSFER_ENCODING};
+use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, Version};
+
+use crate::fields::{Fields, Name, Occurs};
 
 /// Largest response head accepted from the upstream.
 pub const MAX_RESPONSE_HEAD: usize = 256 << 10;
@@ -42,24 +44,27 @@ pub enum H1Error {
     BadChunk,
 }
 
-/// Writes the request head: request line, `host`, the headers as given except any framing
-/// headers, then the framing the proxy chose for the body it will send.
+/// Writes the request head: request line, `host`, the fields as given (names lowercased)
+/// except any framing fields, `authorization` with the given value, then the framing the
+/// proxy chose for the body it will send.
 ///
 /// `room` is extra capacity to reserve (for a first body chunk sent with the head).
-pub fn encode_request_head(
+pub fn encode_request_head<'a>(
     path_and_query: &str,
     authority: &str,
-    headers: &HeaderMap,
+    fields: impl Iterator<Item = (Name, &'a [u8], &'a [u8])> + Clone,
+    authorization: &[u8],
     body_length: Option<u64>,
     room: usize,
 ) -> Vec<u8> {
-    let size = 64
+    let size = 96
         + room
         + path_and_query.len()
         + authority.len()
-        + headers
-            .iter()
-            .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        + authorization.len()
+        + fields
+            .clone()
+            .map(|(_, n, v)| n.len() + v.len() + 4)
             .sum::<usize>();
     let mut out = Vec::with_capacity(size);
     out.extend_from_slice(b"POST ");
@@ -67,15 +72,19 @@ pub fn encode_request_head(
     out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
     out.extend_from_slice(authority.as_bytes());
     out.extend_from_slice(b"\r\n");
-    for (name, value) in headers {
-        if name == CONTENT_LENGTH || name == TRANSFER_ENCODING {
+    for (kind, name, value) in fields {
+        if kind == Name::ContentLength || kind == Name::TransferEncoding {
             continue;
         }
-        out.extend_from_slice(name.as_str().as_bytes());
+        // Names go out lowercased, as the other HTTP clients of the proxy send them.
+        out.extend(name.iter().map(u8::to_ascii_lowercase));
         out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(value);
         out.extend_from_slice(b"\r\n");
     }
+    out.extend_from_slice(b"authorization: ");
+    out.extend_from_slice(authorization);
+    out.extend_from_slice(b"\r\n");
     match body_length {
         Some(n) => {
             out.extend_from_slice(b"content-length: ");
@@ -203,8 +212,8 @@ pub struct RequestHead {
     pub uri: Uri,
     /// HTTP/1.0 or HTTP/1.1.
     pub version: Version,
-    /// The header fields, validated.
-    pub headers: HeaderMap,
+    /// The header fields, validated, as sent.
+    pub fields: Fields,
     /// A line of the head ended in a bare LF (a shape two parsers may read differently).
     pub bare_lf: bool,
 }
@@ -268,12 +277,12 @@ pub fn parse_request_head(
     let bare_lf = memchr::memchr_iter(b'\n', &head).any(|at| at == 0 || head[at - 1] != b'\r');
     let uri = Uri::from_maybe_shared(head.slice(target.0..target.1))
         .map_err(|_| RequestHeadError::Malformed)?;
-    let headers = header_map(&head, &spans).ok_or(RequestHeadError::Malformed)?;
+    let fields = Fields::from_spans(head, &spans).ok_or(RequestHeadError::Malformed)?;
     Ok(Some(RequestHead {
         method,
         uri,
         version,
-        headers,
+        fields,
         bare_lf,
     }))
 }
@@ -294,18 +303,18 @@ pub enum RequestFraming {
 }
 
 /// The framing of a request body, refusing every ambiguous shape.
-pub fn request_framing(headers: &HeaderMap, version: Version) -> RequestFraming {
-    let mut te = headers.get_all(TRANSFER_ENCODING).iter();
-    let mut cl = headers.get_all(CONTENT_LENGTH).iter();
-    match (te.next(), te.next(), cl.next(), cl.next()) {
-        (None, _, None, _) => RequestFraming::Empty,
-        (Some(v), None, None, _)
-            if version == Version::HTTP_11
-                && v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked") =>
+pub fn request_framing(fields: &Fields, version: Version) -> RequestFraming {
+    match (
+        fields.occurs(Name::TransferEncoding),
+        fields.occurs(Name::ContentLength),
+    ) {
+        (Occurs::Never, Occurs::Never) => RequestFraming::Empty,
+        (Occurs::Once(v), Occurs::Never)
+            if version == Version::HTTP_11 && v.trim_ascii().eq_ignore_ascii_case(b"chunked") =>
         {
             RequestFraming::Chunked
         }
-        (None, _, Some(v), None) => match content_length(v) {
+        (Occurs::Never, Occurs::Once(v)) => match content_length(v) {
             Some(0) => RequestFraming::Empty,
             Some(n) => RequestFraming::Length(n),
             None => RequestFraming::Invalid,
@@ -315,8 +324,8 @@ pub fn request_framing(headers: &HeaderMap, version: Version) -> RequestFraming 
 }
 
 /// A `Content-Length` value: digits only (no sign, no spaces inside), at most 19 of them.
-fn content_length(v: &HeaderValue) -> Option<u64> {
-    let digits = v.as_bytes().trim_ascii();
+fn content_length(v: &[u8]) -> Option<u64> {
+    let digits = v.trim_ascii();
     if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
         return None;
     }
@@ -326,12 +335,12 @@ fn content_length(v: &HeaderValue) -> Option<u64> {
 /// Whether the client lets the connection carry another request after this one:
 /// HTTP/1.1 without `Connection: close`. (HTTP/1.0 connections are closed after one.)
 pub fn request_keeps_alive(head: &RequestHead) -> bool {
-    head.version == Version::HTTP_11 && !has_token(&head.headers, CONNECTION, b"close")
+    head.version == Version::HTTP_11 && !head.fields.lists(Name::Connection, b"close")
 }
 
 /// Whether the request asks for `100 Continue` before it sends its body.
 pub fn expects_continue(head: &RequestHead) -> bool {
-    head.version == Version::HTTP_11 && has_token(&head.headers, EXPECT, b"100-continue")
+    head.version == Version::HTTP_11 && head.fields.lists(Name::Expect, b"100-continue")
 }
 
 /// Whether a comma-separated header lists `token` (case-insensitive).
@@ -429,7 +438,7 @@ pub fn response_framing(head: &ResponseHead) -> Result<Framing, H1Error> {
     let mut length = None;
     for v in head.headers.get_all(CONTENT_LENGTH) {
         // Every copy must agree.
-        let n = content_length(v).ok_or(H1Error::BadFraming)?;
+        let n = content_length(v.as_bytes()).ok_or(H1Error::BadFraming)?;
         if length.is_some_and(|l| l != n) {
             return Err(H1Error::BadFraming);
         }
@@ -622,18 +631,28 @@ mod tests {
 
     #[test]
     fn request_head_has_host_our_framing_and_no_client_framing() {
-        let mut h = HeaderMap::new();
-        h.insert("content-type", HeaderValue::from_static("application/json"));
-        h.insert("content-length", HeaderValue::from_static("999"));
-        h.insert("authorization", HeaderValue::from_static("Bearer sk-test"));
-        let out = encode_request_head("/v1/responses?x=1", "127.0.0.1:9", &h, Some(2), 0);
+        let fields: [(Name, &[u8], &[u8]); 4] = [
+            (Name::ContentType, b"Content-Type", b"application/json"),
+            (Name::ContentLength, b"content-length", b"999"),
+            (Name::TransferEncoding, b"transfer-encoding", b"chunked"),
+            (Name::Other, b"X-A", b"1"),
+        ];
+        let out = encode_request_head(
+            "/v1/responses?x=1",
+            "127.0.0.1:9",
+            fields.into_iter(),
+            b"Bearer sk-test",
+            Some(2),
+            0,
+        );
         assert_eq!(
             String::from_utf8(out).expect("ascii"),
             "POST /v1/responses?x=1 HTTP/1.1\r\nhost: 127.0.0.1:9\r\ncontent-type: \
-             application/json\r\nauthorization: Bearer sk-test\r\ncontent-length: 2\r\n\r\n"
+             application/json\r\nx-a: 1\r\nauthorization: Bearer sk-test\r\n\
+             content-length: 2\r\n\r\n"
         );
-        let out = encode_request_head("/", "h", &HeaderMap::new(), None, 0);
-        assert!(out.ends_with(b"transfer-encoding: chunked\r\n\r\n"));
+        let out = encode_request_head("/", "h", [].into_iter(), b"Bearer k", None, 0);
+        assert!(out.ends_with(b"authorization: Bearer k\r\ntransfer-encoding: chunked\r\n\r\n"));
     }
 
     #[test]
@@ -778,7 +797,7 @@ mod tests {
 
     fn framing_of(raw: &str) -> RequestFraming {
         let head = request(raw).expect("valid").expect("complete");
-        request_framing(&head.headers, head.version)
+        request_framing(&head.fields, head.version)
     }
 
     #[test]
@@ -792,8 +811,18 @@ mod tests {
         assert_eq!(head.method, Method::POST);
         assert_eq!(head.uri, "/v1/responses");
         assert_eq!(head.version, Version::HTTP_11);
-        assert_eq!(head.headers["host"], "127.0.0.1:9");
-        assert_eq!(head.headers.get_all("x-a").iter().count(), 2);
+        assert_eq!(head.fields.occurs(Name::Host), Occurs::Once(b"127.0.0.1:9"));
+        let x_a: Vec<_> = head
+            .fields
+            .iter()
+            .filter(|(_, n, _)| n.eq_ignore_ascii_case(b"x-a"))
+            .map(|(_, n, v)| (n, v))
+            .collect();
+        assert_eq!(
+            x_a,
+            [(&b"X-A"[..], &b"1"[..]), (b"x-a", b"2")],
+            "names as sent, in order"
+        );
         assert!(!head.bare_lf);
         assert_eq!(&buf[..], b"{}", "the body stays in the buffer");
         // Incomplete: nothing consumed.

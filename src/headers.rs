@@ -4,15 +4,14 @@
 //! forwarding metadata and the hop-by-hop set, plus the operator's key. The client gets the
 //! upstream's headers minus the hop-by-hop set. Values are moved, never re-encoded.
 //!
-//! No IO: takes a `HeaderMap`, returns a `HeaderMap`.
+//! No IO: fields in, fields out.
 
 use http::header::{
-    AUTHORIZATION, CONNECTION, COOKIE, EXPECT, FORWARDED, HOST, PROXY_AUTHENTICATE,
-    PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+    AUTHORIZATION, CONNECTION, PROXY_AUTHENTICATE, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
 };
 use http::{HeaderMap, HeaderName, HeaderValue};
 
-use crate::gate::PROXY_TOKEN_HEADER;
+use crate::fields::{Fields, Name};
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1 and the legacy ones), removed in both directions.
 const HOP_BY_HOP: [HeaderName; 7] = [
@@ -25,6 +24,69 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     HeaderName::from_static("proxy-connection"),
 ];
 
+/// Whether a request field never reaches the upstream, whatever `Connection` says: the
+/// hop-by-hop set (the same as [`HOP_BY_HOP`]), credentials meant for the proxy, the
+/// client's `Host` (the upstream's is written instead), cookies, forwarding metadata and
+/// `Expect` (the proxy answers that itself).
+fn is_stripped_request_field(name: Name) -> bool {
+    match name {
+        Name::Connection
+        | Name::KeepAlive
+        | Name::Te
+        | Name::Trailer
+        | Name::TransferEncoding
+        | Name::Upgrade
+        | Name::ProxyConnection
+        | Name::Authorization
+        | Name::Host
+        | Name::ProxyToken
+        | Name::ProxyAuthorization
+        | Name::Cookie
+        | Name::Forwarded
+        | Name::Expect
+        | Name::XForwarded => true,
+        Name::ContentLength
+        | Name::ContentType
+        | Name::Origin
+        | Name::SecFetchSite
+        | Name::Other => false,
+    }
+}
+
+/// The names a request's `Connection` lists (none, without allocating, when it is absent).
+fn listed_in_connection(fields: &Fields) -> Vec<&[u8]> {
+    fields
+        .values(Name::Connection)
+        .flat_map(|v| v.split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
+/// Whether a request field goes to the upstream.
+fn goes_upstream(kind: Name, name: &[u8], listed: &[&[u8]]) -> bool {
+    !is_stripped_request_field(kind) && !listed.iter().any(|t| t.eq_ignore_ascii_case(name))
+}
+
+/// The client's fields that go to the upstream, in the order sent: `(what, name as sent,
+/// value)`. The caller adds the operator's key (as [`to_upstream`] does).
+pub fn upstream_fields(fields: &Fields) -> impl Iterator<Item = (Name, &[u8], &[u8])> + Clone {
+    let listed = listed_in_connection(fields);
+    fields
+        .iter()
+        .filter(move |&(kind, name, _)| goes_upstream(kind, name, &listed))
+}
+
+/// The headers to send upstream as a header map (for the HTTPS client): the same fields as
+/// [`upstream_fields`], with `authorization` set to the operator's key (`Host` is set by
+/// the HTTP client from the upstream URL).
+pub fn to_upstream(fields: &Fields, authorization: HeaderValue) -> HeaderMap {
+    let listed = listed_in_connection(fields);
+    let mut headers = fields.header_map_of(|kind, name| goes_upstream(kind, name, &listed));
+    headers.insert(AUTHORIZATION, authorization);
+    headers
+}
+
 /// The header names listed in `Connection` (none, without allocating, when it is absent).
 fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
     headers
@@ -35,45 +97,18 @@ fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
         .collect()
 }
 
-/// Removes every header `doomed` picks, finding them in one pass over the names (most
-/// heads have few or none to remove, and each removal costs a lookup).
-fn remove_where(headers: &mut HeaderMap, doomed: impl Fn(&HeaderName) -> bool) {
-    let picked: Vec<HeaderName> = headers.keys().filter(|n| doomed(n)).cloned().collect();
-    for name in &picked {
-        headers.remove(name);
-    }
-}
-
-/// Whether a request header must not reach the upstream (besides the hop-by-hop set).
-fn is_stripped_request_header(name: &HeaderName) -> bool {
-    *name == AUTHORIZATION
-        || *name == HOST
-        || *name == PROXY_TOKEN_HEADER
-        || *name == PROXY_AUTHORIZATION
-        || *name == COOKIE
-        || *name == FORWARDED
-        || *name == EXPECT
-        || name.as_str().starts_with("x-forwarded-")
-}
-
-/// The headers to send upstream: the client's, rewritten, with `authorization` set to the
-/// operator's key (`Host` is set by the HTTP client from the upstream URL).
-pub fn to_upstream(mut headers: HeaderMap, authorization: HeaderValue) -> HeaderMap {
-    let listed = connection_listed(&headers);
-    remove_where(&mut headers, |n| {
-        HOP_BY_HOP.contains(n) || is_stripped_request_header(n) || listed.contains(n)
-    });
-    headers.insert(AUTHORIZATION, authorization);
-    headers
-}
-
 /// The headers to send to the client: the upstream's minus the hop-by-hop set (and
 /// `Proxy-Authenticate`, which is addressed to us, not to the client).
 pub fn to_client(mut headers: HeaderMap) -> HeaderMap {
     let listed = connection_listed(&headers);
-    remove_where(&mut headers, |n| {
-        HOP_BY_HOP.contains(n) || *n == PROXY_AUTHENTICATE || listed.contains(n)
-    });
+    let picked: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| HOP_BY_HOP.contains(n) || *n == PROXY_AUTHENTICATE || listed.contains(n))
+        .cloned()
+        .collect();
+    for name in &picked {
+        headers.remove(name);
+    }
     headers
 }
 
@@ -128,7 +163,7 @@ mod tests {
             ("Accept-Encoding", "gzip"),
             ("Session_id", "abc"),
         ]);
-        let out = to_upstream(client, key.clone());
+        let out = to_upstream(&Fields::from_header_map(&client), key.clone());
         assert_eq!(
             names(&out),
             [

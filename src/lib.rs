@@ -32,6 +32,7 @@ pub mod body;
 pub mod config;
 pub mod conn;
 pub mod dump;
+pub mod fields;
 pub mod gate;
 pub mod h1;
 pub mod hardening;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{CACHE_CONTROL, CONTENT_TYPE, DATE};
-use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
+use http::{HeaderValue, Method, Response, StatusCode, Version};
 use tokio::sync::watch;
 
 use crate::body::{BodyFault, ExchangeState, ProxyBody, ResponseStream, UpstreamRequestBody};
@@ -17,6 +17,7 @@ use crate::config::{Config, LogLevel};
 use crate::conn::ClientBody;
 use crate::dump::{Dumper, ResponseSlot};
 use crate::gate::{self, GatePolicy, Route};
+use crate::h1::RequestHead;
 use crate::headers;
 use crate::log::{AccessRecord, Logger, sanitize_request_id};
 use crate::mask::{self, StreamMask};
@@ -111,16 +112,19 @@ impl Proxy {
 
     /// Handles one request, forwarding through `upstream` (the calling worker's pool).
     /// Never fails: every problem is a response.
+    /// `ambiguous` says the head's raw bytes had a framing shape two parsers could read
+    /// differently.
     pub async fn handle(
         &self,
         upstream: &Upstream,
-        req: Request<ClientBody>,
+        head: RequestHead,
+        body: ClientBody,
+        ambiguous: bool,
     ) -> Response<ProxyBody> {
         let start = Instant::now();
-        let (parts, body) = req.into_parts();
         let mut record = AccessRecord {
-            method: parts.method.clone(),
-            path: path_label(parts.uri.path()),
+            method: head.method.clone(),
+            path: path_label(head.uri.path()),
             ..AccessRecord::default()
         };
         let policy = GatePolicy {
@@ -128,14 +132,7 @@ impl Proxy {
             token: &self.token,
             http_shutdown: self.http_shutdown,
         };
-        let raw_ambiguous = parts.extensions.get::<gate::AmbiguousFraming>().is_some();
-        match gate::check_head(
-            &parts.method,
-            &parts.uri,
-            &parts.headers,
-            raw_ambiguous,
-            &policy,
-        ) {
+        match gate::check_head(&head.method, &head.uri, &head.fields, ambiguous, &policy) {
             Err(refusal) => {
                 let body = error_body(refusal.message(), refusal.error_type(), refusal.code());
                 let mut resp =
@@ -152,7 +149,7 @@ impl Proxy {
                 let body = Bytes::from_static(b"{\"status\":\"shutting down\"}");
                 self.finish_fixed(&mut record, start, StatusCode::OK, "shutdown", body)
             }
-            Ok(Route::Responses) => self.forward(upstream, parts, body, start, record).await,
+            Ok(Route::Responses) => self.forward(upstream, head, body, start, record).await,
         }
     }
 
@@ -188,7 +185,7 @@ impl Proxy {
     async fn forward(
         &self,
         upstream: &Upstream,
-        parts: http::request::Parts,
+        head: RequestHead,
         body: ClientBody,
         start: Instant,
         record: AccessRecord,
@@ -199,7 +196,7 @@ impl Proxy {
             logger: self.logger,
         };
         let resp = self
-            .forward_inner(upstream, parts, body, start, record)
+            .forward_inner(upstream, head, body, start, record)
             .await;
         pending.record = None;
         resp
@@ -208,7 +205,7 @@ impl Proxy {
     async fn forward_inner(
         &self,
         upstream: &Upstream,
-        parts: http::request::Parts,
+        head: RequestHead,
         body: ClientBody,
         start: Instant,
         mut record: AccessRecord,
@@ -223,7 +220,8 @@ impl Proxy {
         let state = Arc::new(ExchangeState::new(start));
         let (request_dump, slot) = match &self.dumper {
             Some(d) => {
-                let (req, slot) = d.begin(&parts.method, &parts.uri.to_string(), &parts.headers);
+                let headers = head.fields.to_header_map();
+                let (req, slot) = d.begin(&head.method, &head.uri.to_string(), &headers);
                 (Some(req), Some(slot))
             }
             None => (None, None),
@@ -235,13 +233,8 @@ impl Proxy {
             Arc::clone(&state),
             request_dump,
         );
-        let mut up = Request::new(body);
-        *up.method_mut() = Method::POST;
-        *up.uri_mut() = upstream.uri().clone();
-        *up.version_mut() = Version::HTTP_11;
-        *up.headers_mut() = headers::to_upstream(parts.headers, self.key.header_value());
-
-        let result = self.await_head(upstream, up, &state).await;
+        let up = upstream.request(head.fields, self.key.header_value(), body);
+        let result = self.await_head(up, &state).await;
         record.bytes_in = state.bytes_in();
         let resp = match result {
             Ok(resp) => resp,
@@ -275,11 +268,9 @@ impl Proxy {
     /// client's request body makes progress, so a slow large upload is not cut.
     async fn await_head(
         &self,
-        upstream: &Upstream,
-        up: Request<UpstreamRequestBody>,
+        fut: impl Future<Output = Result<Response<UpstreamBody>, upstream::UpstreamError>>,
         state: &ExchangeState,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
-        let fut = upstream.request(up);
         tokio::pin!(fut);
         loop {
             let deadline = state.last_activity() + self.upstream_idle_timeout;

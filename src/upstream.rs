@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::Uri;
+use http::{HeaderValue, Method, Uri, Version};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -25,6 +25,8 @@ use rustls_pki_types::pem::PemObject;
 
 use crate::body::UpstreamRequestBody;
 use crate::config::UpstreamTarget;
+use crate::fields::Fields;
+use crate::headers;
 use crate::upstream_h1::{H1Body, H1Failure, H1Pool};
 
 /// Why the upstream client could not be built.
@@ -277,20 +279,28 @@ impl Upstream {
         &self.uri
     }
 
-    /// Sends one POST (its URI must be [`Upstream::uri`]).
+    /// Sends one POST to [`Upstream::uri`]: the client's fields as rewriting lets them
+    /// through (see [`crate::headers`]), `authorization` set to the operator's key, `body`.
     pub async fn request(
         &self,
-        req: http::Request<UpstreamRequestBody>,
+        fields: Fields,
+        authorization: HeaderValue,
+        body: UpstreamRequestBody,
     ) -> Result<http::Response<UpstreamBody>, UpstreamError> {
         match &self.transport {
-            Transport::Pooled(p) => Ok(p.client.request(req).await?.map(UpstreamBody::Pooled)),
-            Transport::Plain(pool) => {
-                let (parts, body) = req.into_parts();
-                Ok(pool
-                    .send(parts.headers, body)
-                    .await?
-                    .map(UpstreamBody::Plain))
+            Transport::Pooled(p) => {
+                let mut req = http::Request::new(body);
+                *req.method_mut() = Method::POST;
+                *req.uri_mut() = self.uri.clone();
+                *req.version_mut() = Version::HTTP_11;
+                *req.headers_mut() = headers::to_upstream(&fields, authorization);
+                drop(fields);
+                Ok(p.client.request(req).await?.map(UpstreamBody::Pooled))
             }
+            Transport::Plain(pool) => Ok(pool
+                .send(fields, authorization, body)
+                .await?
+                .map(UpstreamBody::Plain)),
         }
     }
 }

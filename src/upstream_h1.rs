@@ -21,13 +21,15 @@ use std::task::{Context, Poll, Waker, ready};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use http::{HeaderMap, Response};
+use http::{HeaderValue, Response};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::body::{BoxError, UpstreamRequestBody};
+use crate::fields::Fields;
 use crate::h1::{self, Chunked, Framing, H1Error};
+use crate::headers;
 
 /// Most idle connections kept per worker.
 const MAX_IDLE: usize = 256;
@@ -186,10 +188,12 @@ impl H1Pool {
     }
 
     /// Sends one request and returns the response head with a body streaming from the
-    /// connection. `headers` are the rewritten request headers (the key included).
+    /// connection. `fields` are the client's (rewritten here, see [`headers`]);
+    /// `authorization` is the operator's key.
     pub async fn send(
         self: &Arc<Self>,
-        headers: HeaderMap,
+        fields: Fields,
+        authorization: HeaderValue,
         mut body: UpstreamRequestBody,
     ) -> Result<Response<H1Body>, H1Failure> {
         let length = body.size_hint().exact();
@@ -199,11 +203,12 @@ impl H1Pool {
         let mut head = h1::encode_request_head(
             &self.path_and_query,
             &self.authority,
-            &headers,
+            headers::upstream_fields(&fields),
+            authorization.as_bytes(),
             length,
             room,
         );
-        drop(headers);
+        drop((fields, authorization));
         // The head waits for the first body frame and goes out with it in one write (the
         // upstream can do nothing with a head alone; the body's own stall timer and the
         // caller's idle timer bound the wait).

@@ -4,6 +4,7 @@
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
 use proptest::prelude::*;
+use responses_api_proxy::fields::Fields;
 use responses_api_proxy::gate::{self, GatePolicy, Route};
 use responses_api_proxy::headers;
 use responses_api_proxy::secret::{self, KeyError, MAX_KEY_LEN};
@@ -100,7 +101,7 @@ proptest! {
         let headers = build(&pairs);
         let Ok(uri) = target.parse::<Uri>() else { return Ok(()) };
         let policy = GatePolicy { port: PORT, token: &tok, http_shutdown: shutdown };
-        let verdict = gate::check(&method, &uri, &headers, &policy);
+        let verdict = gate::check(&method, &uri, &Fields::from_header_map(&headers), &policy);
         if verdict.is_ok() {
             prop_assert!(!headers.contains_key("origin"));
             prop_assert!(!headers.contains_key("sec-fetch-site"));
@@ -134,7 +135,7 @@ proptest! {
         h.append("connection", HeaderValue::from_str(&listed).unwrap_or(HeaderValue::from_static("x")));
         h.append(HeaderName::from_bytes(listed.as_bytes()).unwrap_or(HeaderName::from_static("x")), HeaderValue::from_static("1"));
         let key = HeaderValue::from_static("Bearer sk-test-prop");
-        let out = headers::to_upstream(h.clone(), key.clone());
+        let out = headers::to_upstream(&Fields::from_header_map(&h), key.clone());
         prop_assert_eq!(out.get_all("authorization").iter().collect::<Vec<_>>(), vec![&key]);
         for name in ["x-proxy-token", "cookie", "host", "connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade", "proxy-connection", "proxy-authorization", "forwarded"] {
             prop_assert!(!out.contains_key(name), "{} forwarded", name);

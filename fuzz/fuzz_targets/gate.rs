@@ -3,6 +3,7 @@
 //! one that carries `Origin`.
 
 use libfuzzer_sys::fuzz_target;
+use responses_api_proxy::fields::Fields;
 use responses_api_proxy::gate::{self, GatePolicy};
 use responses_api_proxy::token::ProxyToken;
 
@@ -13,7 +14,7 @@ fuzz_target!(|data: &[u8]| {
     let Some((method, uri, headers)) = common::head(data) else { return };
     let token = ProxyToken::from_random(&[9u8; 32]);
     let policy = GatePolicy { port: 8080, token: &token, http_shutdown: true };
-    if gate::check(&method, &uri, &headers, &policy).is_ok() {
+    if gate::check(&method, &uri, &Fields::from_header_map(&headers), &policy).is_ok() {
         assert!(!headers.contains_key("origin"));
         let presented = headers
             .get("x-proxy-token")

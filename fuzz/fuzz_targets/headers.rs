@@ -3,6 +3,7 @@
 
 use http::HeaderValue;
 use libfuzzer_sys::fuzz_target;
+use responses_api_proxy::fields::Fields;
 use responses_api_proxy::headers;
 
 #[path = "common.rs"]
@@ -16,7 +17,7 @@ fuzz_target!(|data: &[u8]| {
         .iter()
         .flat_map(|v| v.as_bytes().split(|&b| b == b',').map(|n| String::from_utf8_lossy(n.trim_ascii()).to_ascii_lowercase()).collect::<Vec<_>>())
         .collect();
-    let up = headers::to_upstream(h.clone(), key.clone());
+    let up = headers::to_upstream(&Fields::from_header_map(&h), key.clone());
     assert_eq!(up.get_all("authorization").iter().collect::<Vec<_>>(), vec![&key]);
     for name in ["x-proxy-token", "cookie", "host", "connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade", "proxy-connection", "proxy-authorization", "forwarded"] {
         assert!(!up.contains_key(name));

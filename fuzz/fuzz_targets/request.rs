@@ -1,13 +1,33 @@
 #![no_main]
 //! Client bytes: the request-head parser never panics and reaches the same verdict however
-//! the bytes arrive (within the head limit; beyond it, a refusal either way); the framing and keep-alive rules never panic; and a response head the
-//! proxy writes from any header set it accepted reads back, field for field, through the
-//! proxy's own strict response parser.
+//! the bytes arrive (within the head limit; beyond it, a refusal either way); the framing
+//! and keep-alive rules never panic; every field it accepts is one `http` accepts too; the
+//! request head the proxy writes upstream from any accepted head reads back through the
+//! strict parser with exactly the fields rewriting lets through, plus host, the key and
+//! the length; and a response head the proxy writes from any header set it accepted reads
+//! back, field for field, through the proxy's own strict response parser.
 
 use bytes::BytesMut;
 use http::StatusCode;
 use libfuzzer_sys::fuzz_target;
-use responses_api_proxy::h1::{self, ResponseFraming};
+use responses_api_proxy::fields::{Name, Occurs};
+use responses_api_proxy::h1::{self, RequestHead, RequestHeadError, ResponseFraming};
+use responses_api_proxy::headers;
+
+/// Everything a parse produced, values included.
+fn shape(r: &Result<Option<RequestHead>, RequestHeadError>) -> String {
+    match r {
+        Ok(Some(h)) => format!(
+            "{} {} {:?} {} {:?}",
+            h.method,
+            h.uri,
+            h.version,
+            h.bare_lf,
+            h.fields.iter().collect::<Vec<_>>()
+        ),
+        other => format!("{:?}", other.as_ref().map(|_| ())),
+    }
+}
 
 const LIMIT: usize = 2048;
 
@@ -27,19 +47,51 @@ fuzz_target!(|data: &[u8]| {
     match (&whole, &split) {
         // Past the limit, which refusal is seen first depends on how far the parser got.
         (Err(_), Err(_)) if rest.len() > LIMIT => {}
-        _ => assert_eq!(format!("{whole:?}"), format!("{split:?}")),
+        _ => assert_eq!(shape(&whole), shape(&split)),
     }
     let Ok(Some(head)) = whole else { return };
-    let _ = h1::request_framing(&head.headers, head.version);
+    let _ = h1::request_framing(&head.fields, head.version);
     let _ = h1::request_keeps_alive(&head);
     let _ = h1::expects_continue(&head);
+    let map = head.fields.to_header_map();
+    assert_eq!(map.len(), head.fields.len(), "http accepts every field the parser does");
+
+    // Upstream: what the proxy writes reads back with exactly the fields let through.
+    let through: Vec<_> = headers::upstream_fields(&head.fields)
+        .filter(|(k, _, _)| *k != Name::ContentLength && *k != Name::TransferEncoding)
+        .collect();
+    let up = h1::encode_request_head(
+        "/v1/responses",
+        "127.0.0.1:1",
+        headers::upstream_fields(&head.fields),
+        b"Bearer sk-test-fuzz",
+        Some(7),
+        0,
+    );
+    let sent = h1::parse_request_head(&mut BytesMut::from(&up[..]), usize::MAX)
+        .expect("what the proxy sends upstream parses")
+        .expect("complete");
+    assert_eq!(sent.fields.len(), through.len() + 3, "host, the key, the length");
+    assert_eq!(sent.fields.occurs(Name::Host), Occurs::Once(b"127.0.0.1:1"));
+    assert_eq!(sent.fields.occurs(Name::Authorization), Occurs::Once(b"Bearer sk-test-fuzz"));
+    assert_eq!(sent.fields.occurs(Name::ContentLength), Occurs::Once(b"7"));
+    for name in [Name::ProxyToken, Name::Cookie, Name::Connection, Name::TransferEncoding, Name::Upgrade, Name::Expect, Name::XForwarded] {
+        assert!(!sent.fields.contains(name));
+    }
+    let https = headers::to_upstream(&head.fields, http::HeaderValue::from_static("Bearer k"));
+    assert_eq!(
+        https.len(),
+        headers::upstream_fields(&head.fields).count() + 1,
+        "the HTTPS path forwards the same fields, plus the key"
+    );
+    assert_eq!(https.get_all("authorization").iter().count(), 1);
+
     let mut out = Vec::new();
-    h1::encode_response_head(&mut out, StatusCode::OK, &head.headers, ResponseFraming::Length(0), false);
+    h1::encode_response_head(&mut out, StatusCode::OK, &map, ResponseFraming::Length(0), false);
     let back = h1::parse_response_head(&mut BytesMut::from(&out[..]))
         .expect("what the proxy writes parses")
         .expect("complete");
-    let kept = head
-        .headers
+    let kept = map
         .iter()
         .filter(|(n, _)| !["content-length", "transfer-encoding", "connection"].contains(&n.as_str()))
         .count();

@@ -1,0 +1,350 @@
+//! A request's header fields as the client sent them: the head's bytes and where each
+//! field lies in them, each name recognised once, when the head is parsed.
+//!
+//! The gate, the connection's framing and the rewriting towards the upstream all look
+//! fields up by a handful of names. A general header map hashes every name on the way in
+//! and again on every lookup, and allocates per field; here a lookup is a scan over a few
+//! entries comparing one byte, and no field is copied or allocated.
+//!
+//! Pure: bytes in, lookups out.
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+/// The header names the proxy acts on; every other name is [`Name::Other`]. Matching is
+/// case-insensitive, as HTTP names are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Name {
+    /// `authorization`
+    Authorization,
+    /// `connection`
+    Connection,
+    /// `content-length`
+    ContentLength,
+    /// `content-type`
+    ContentType,
+    /// `cookie`
+    Cookie,
+    /// `expect`
+    Expect,
+    /// `forwarded`
+    Forwarded,
+    /// `host`
+    Host,
+    /// `keep-alive`
+    KeepAlive,
+    /// `origin`
+    Origin,
+    /// `proxy-authorization`
+    ProxyAuthorization,
+    /// `proxy-connection`
+    ProxyConnection,
+    /// `sec-fetch-site`
+    SecFetchSite,
+    /// `te`
+    Te,
+    /// `trailer`
+    Trailer,
+    /// `transfer-encoding`
+    TransferEncoding,
+    /// `upgrade`
+    Upgrade,
+    /// `x-proxy-token`
+    ProxyToken,
+    /// Any name starting `x-forwarded-`.
+    XForwarded,
+    /// Any other name.
+    Other,
+}
+
+impl Name {
+    /// Recognises a field name (any case).
+    pub fn of(name: &[u8]) -> Self {
+        let is = |lower: &[u8]| name.eq_ignore_ascii_case(lower);
+        match name.len() {
+            2 if is(b"te") => Self::Te,
+            4 if is(b"host") => Self::Host,
+            6 if is(b"cookie") => Self::Cookie,
+            6 if is(b"expect") => Self::Expect,
+            6 if is(b"origin") => Self::Origin,
+            7 if is(b"trailer") => Self::Trailer,
+            7 if is(b"upgrade") => Self::Upgrade,
+            9 if is(b"forwarded") => Self::Forwarded,
+            10 if is(b"connection") => Self::Connection,
+            10 if is(b"keep-alive") => Self::KeepAlive,
+            12 if is(b"content-type") => Self::ContentType,
+            13 if is(b"authorization") => Self::Authorization,
+            13 if is(b"x-proxy-token") => Self::ProxyToken,
+            14 if is(b"content-length") => Self::ContentLength,
+            14 if is(b"sec-fetch-site") => Self::SecFetchSite,
+            16 if is(b"proxy-connection") => Self::ProxyConnection,
+            17 if is(b"transfer-encoding") => Self::TransferEncoding,
+            19 if is(b"proxy-authorization") => Self::ProxyAuthorization,
+            n if n >= 12 && name[..12].eq_ignore_ascii_case(b"x-forwarded-") => Self::XForwarded,
+            _ => Self::Other,
+        }
+    }
+}
+
+/// How many times a field occurs, and its value when exactly once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Occurs<'a> {
+    /// Absent.
+    Never,
+    /// Exactly once, with this value.
+    Once(&'a [u8]),
+    /// More than once.
+    Repeated,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Field {
+    name: (u32, u32),
+    value: (u32, u32),
+    kind: Name,
+}
+
+/// The header fields of one request head, in the order sent. Names and values are valid
+/// HTTP field names and values (the parser checked them; [`Fields::to_header_map`] keeps
+/// every one of them, which the `request` fuzz target asserts).
+#[derive(Clone, Default)]
+pub struct Fields {
+    head: Bytes,
+    list: Vec<Field>,
+}
+
+impl std::fmt::Debug for Fields {
+    // Values can carry credentials: only names are shown.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.iter().map(|(_, n, _)| String::from_utf8_lossy(n)))
+            .finish()
+    }
+}
+
+impl Fields {
+    /// Fields at the given `(name start, name end, value start, value end)` offsets of
+    /// `head`, which the caller has parsed and validated. `None` if an offset is out of
+    /// range (a caller's bug, not a peer's doing).
+    pub(crate) fn from_spans(head: Bytes, spans: &[(usize, usize, usize, usize)]) -> Option<Self> {
+        let mut list = Vec::with_capacity(spans.len());
+        for &(n0, n1, v0, v1) in spans {
+            let name = head.get(n0..n1)?;
+            head.get(v0..v1)?;
+            let at = |x: usize| u32::try_from(x).ok();
+            list.push(Field {
+                name: (at(n0)?, at(n1)?),
+                value: (at(v0)?, at(v1)?),
+                kind: Name::of(name),
+            });
+        }
+        Some(Self { head, list })
+    }
+
+    /// Fields holding what `headers` holds (for tests, fuzzing and tools that start from
+    /// a header map).
+    pub fn from_header_map(headers: &HeaderMap) -> Self {
+        let mut head = Vec::new();
+        let mut spans = Vec::with_capacity(headers.len());
+        for (name, value) in headers {
+            let n0 = head.len();
+            head.extend_from_slice(name.as_str().as_bytes());
+            let n1 = head.len();
+            head.extend_from_slice(b": ");
+            let v0 = head.len();
+            head.extend_from_slice(value.as_bytes());
+            spans.push((n0, n1, v0, head.len()));
+            head.extend_from_slice(b"\r\n");
+        }
+        Self::from_spans(Bytes::from(head), &spans).unwrap_or_default()
+    }
+
+    /// The same fields as a header map (names lowercased; values shared, not copied).
+    /// A field `http` would not accept is left out; the parser admits none.
+    pub fn to_header_map(&self) -> HeaderMap {
+        self.header_map_of(|_, _| true)
+    }
+
+    /// The fields `keep` picks, as a header map.
+    pub(crate) fn header_map_of(&self, keep: impl Fn(Name, &[u8]) -> bool) -> HeaderMap {
+        let mut map = HeaderMap::with_capacity(self.list.len());
+        for f in &self.list {
+            let name = self.bytes(f.name);
+            if !keep(f.kind, name) {
+                continue;
+            }
+            let value = self.head.slice(f.value.0 as usize..f.value.1 as usize);
+            if let (Ok(name), Ok(value)) = (
+                HeaderName::from_bytes(name),
+                HeaderValue::from_maybe_shared(value),
+            ) {
+                map.append(name, value);
+            }
+        }
+        map
+    }
+
+    fn bytes(&self, (start, end): (u32, u32)) -> &[u8] {
+        &self.head[start as usize..end as usize]
+    }
+
+    /// Every field: what it is, its name as sent, its value.
+    pub fn iter(&self) -> impl Iterator<Item = (Name, &[u8], &[u8])> + Clone {
+        self.list
+            .iter()
+            .map(|f| (f.kind, self.bytes(f.name), self.bytes(f.value)))
+    }
+
+    /// The values of every field named `name`, in order.
+    pub fn values(&self, name: Name) -> impl Iterator<Item = &[u8]> {
+        self.list
+            .iter()
+            .filter(move |f| f.kind == name)
+            .map(|f| self.bytes(f.value))
+    }
+
+    /// Whether a field named `name` is present.
+    pub fn contains(&self, name: Name) -> bool {
+        self.list.iter().any(|f| f.kind == name)
+    }
+
+    /// Whether `name` is absent, present once (and its value), or repeated.
+    pub fn occurs(&self, name: Name) -> Occurs<'_> {
+        let mut values = self.values(name);
+        match (values.next(), values.next()) {
+            (None, _) => Occurs::Never,
+            (Some(v), None) => Occurs::Once(v),
+            _ => Occurs::Repeated,
+        }
+    }
+
+    /// Whether a comma-separated field lists `token` (case-insensitive) in any of its
+    /// values.
+    pub fn lists(&self, name: Name, token: &[u8]) -> bool {
+        self.values(name)
+            .flat_map(|v| v.split(|&b| b == b','))
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+    }
+
+    /// How many fields there are.
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+}
+
+/// The bytes of `s` as text when every one is visible ASCII, space or tab (what
+/// `HeaderValue::to_str` accepts).
+pub fn visible_ascii(s: &[u8]) -> Option<&str> {
+    if s.iter().all(|&b| b == b'\t' || (b' '..0x7f).contains(&b)) {
+        std::str::from_utf8(s).ok()
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(pairs: &[(&str, &str)]) -> Fields {
+        let mut h = HeaderMap::new();
+        for (n, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(n.as_bytes()).expect("name"),
+                HeaderValue::from_str(v).expect("value"),
+            );
+        }
+        Fields::from_header_map(&h)
+    }
+
+    #[test]
+    fn names_are_recognised_in_any_case_and_only_exactly() {
+        let cases: &[(&str, Name)] = &[
+            ("TE", Name::Te),
+            ("Host", Name::Host),
+            ("COOKIE", Name::Cookie),
+            ("Expect", Name::Expect),
+            ("origin", Name::Origin),
+            ("Trailer", Name::Trailer),
+            ("Upgrade", Name::Upgrade),
+            ("Forwarded", Name::Forwarded),
+            ("Connection", Name::Connection),
+            ("Keep-Alive", Name::KeepAlive),
+            ("Content-Type", Name::ContentType),
+            ("Authorization", Name::Authorization),
+            ("X-Proxy-Token", Name::ProxyToken),
+            ("Content-Length", Name::ContentLength),
+            ("Sec-Fetch-Site", Name::SecFetchSite),
+            ("Proxy-Connection", Name::ProxyConnection),
+            ("Transfer-Encoding", Name::TransferEncoding),
+            ("Proxy-Authorization", Name::ProxyAuthorization),
+            ("X-Forwarded-For", Name::XForwarded),
+            ("x-forwarded-", Name::XForwarded),
+            ("x-forwarded", Name::Other),
+            ("hosts", Name::Other),
+            ("ho", Name::Other),
+            ("content-lengths", Name::Other),
+            ("sec-fetch-mode", Name::Other),
+            ("x-proxy-tokens", Name::Other),
+            ("", Name::Other),
+        ];
+        for (name, want) in cases {
+            assert_eq!(Name::of(name.as_bytes()), *want, "{name}");
+        }
+    }
+
+    #[test]
+    fn lookups_see_every_value_in_order() {
+        let f = fields(&[
+            ("Host", "a"),
+            ("Content-Length", "1"),
+            ("x-other", "z"),
+            ("content-length", "2"),
+            ("Connection", "keep-alive, Close"),
+        ]);
+        assert_eq!(f.len(), 5);
+        assert_eq!(f.occurs(Name::Host), Occurs::Once(b"a"));
+        assert_eq!(f.occurs(Name::ContentLength), Occurs::Repeated);
+        assert_eq!(f.occurs(Name::Origin), Occurs::Never);
+        assert_eq!(
+            f.values(Name::ContentLength).collect::<Vec<_>>(),
+            vec![&b"1"[..], b"2"]
+        );
+        assert!(f.contains(Name::Other) && !f.contains(Name::Upgrade));
+        assert!(f.lists(Name::Connection, b"close"));
+        assert!(f.lists(Name::Connection, b"KEEP-ALIVE"));
+        assert!(!f.lists(Name::Connection, b"upgrade"));
+        assert!(!f.lists(Name::Expect, b"100-continue"));
+    }
+
+    #[test]
+    fn a_header_map_round_trips() {
+        let f = fields(&[("Host", "a"), ("X-Thing", "1"), ("x-thing", "2 ")]);
+        let map = f.to_header_map();
+        assert_eq!(map.len(), 3);
+        assert_eq!(map.get("host").map(|v| v.as_bytes()), Some(&b"a"[..]));
+        let things: Vec<_> = map.get_all("x-thing").iter().collect();
+        assert_eq!(things, vec!["1", "2 "]);
+        assert!(Fields::default().to_header_map().is_empty());
+    }
+
+    #[test]
+    fn debug_shows_names_not_values() {
+        let f = fields(&[("authorization", "Bearer sk-test-secret")]);
+        let shown = format!("{f:?}");
+        assert!(shown.contains("authorization") && !shown.contains("sk-test"));
+    }
+
+    #[test]
+    fn visible_ascii_is_what_header_values_call_text() {
+        assert_eq!(visible_ascii(b"a b\tc~"), Some("a b\tc~"));
+        assert_eq!(visible_ascii(b"caf\xc3\xa9"), None);
+        assert_eq!(visible_ascii(b"\x7f"), None);
+        assert_eq!(visible_ascii(b""), Some(""));
+    }
+}
