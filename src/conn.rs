@@ -615,7 +615,7 @@ async fn write_response(
                 }
                 sent += data.len() as u64;
                 if chunked {
-                    push_chunk_size(&mut out, data.len());
+                    h1::push_chunk_size(&mut out, data.len());
                 }
                 let tail: &[u8] = if chunked { b"\r\n" } else { b"" };
                 if data.len() <= COPY_LIMIT {
@@ -648,16 +648,6 @@ async fn write_response(
     }
 }
 
-/// Appends a chunk-size line.
-fn push_chunk_size(out: &mut Vec<u8>, n: usize) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let digits = (usize::BITS - n.leading_zeros()).div_ceil(4).max(1);
-    for i in (0..digits).rev() {
-        out.push(HEX[(n >> (i * 4)) & 0xf]);
-    }
-    out.extend_from_slice(b"\r\n");
-}
-
 /// Ends the connection: the proxy stops sending, then reads and discards what the client
 /// still sends (bounded in time and bytes) so that closing does not reset the connection
 /// before the client has read the answer.
@@ -681,24 +671,4 @@ async fn linger(shared: &Shared) {
         }
     })
     .await;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn chunk_sizes_are_lowercase_hex_without_padding() {
-        for (n, want) in [
-            (1usize, "1\r\n"),
-            (15, "f\r\n"),
-            (16, "10\r\n"),
-            (4096, "1000\r\n"),
-            (0xabcdef, "abcdef\r\n"),
-        ] {
-            let mut out = Vec::new();
-            push_chunk_size(&mut out, n);
-            assert_eq!(String::from_utf8_lossy(&out), want);
-        }
-    }
 }

@@ -97,6 +97,9 @@ pub enum Occurs<'a> {
     Repeated,
 }
 
+/// Fields located in a buffer, not yet joined to its bytes.
+pub(crate) struct Located(Vec<Field>);
+
 #[derive(Debug, Clone, Copy)]
 struct Field {
     name: (u32, u32),
@@ -123,10 +126,44 @@ impl std::fmt::Debug for Fields {
 }
 
 impl Fields {
+    /// Where the fields httparse found lie in `base` (the buffer it parsed), each name
+    /// recognised; [`Fields::attach`] then joins them to the head's bytes. (Heads are at
+    /// most 16 MiB, the bound of `--max-header-size`, so offsets fit 32 bits; `attach`
+    /// checks them all the same.)
+    pub(crate) fn locate(base: &[u8], parsed: &[httparse::Header<'_>]) -> Located {
+        let start = base.as_ptr() as usize;
+        let at = |s: &[u8]| {
+            let from = (s.as_ptr() as usize).wrapping_sub(start);
+            (from as u32, from.wrapping_add(s.len()) as u32)
+        };
+        Located(
+            parsed
+                .iter()
+                .map(|h| Field {
+                    name: at(h.name.as_bytes()),
+                    value: at(h.value),
+                    kind: Name::of(h.name.as_bytes()),
+                })
+                .collect(),
+        )
+    }
+
+    /// The located fields over `head`, the parsed bytes split off the buffer; `None` if a
+    /// field lies outside it (a caller's bug, not a peer's doing).
+    pub(crate) fn attach(head: Bytes, located: Located) -> Option<Self> {
+        let inside = |(s, e): (u32, u32)| s <= e && e as usize <= head.len();
+        if !located.0.iter().all(|f| inside(f.name) && inside(f.value)) {
+            return None;
+        }
+        Some(Self {
+            head,
+            list: located.0,
+        })
+    }
+
     /// Fields at the given `(name start, name end, value start, value end)` offsets of
-    /// `head`, which the caller has parsed and validated. `None` if an offset is out of
-    /// range (a caller's bug, not a peer's doing).
-    pub(crate) fn from_spans(head: Bytes, spans: &[(usize, usize, usize, usize)]) -> Option<Self> {
+    /// `head`; `None` if an offset is out of range.
+    fn from_spans(head: Bytes, spans: &[(usize, usize, usize, usize)]) -> Option<Self> {
         let mut list = Vec::with_capacity(spans.len());
         for &(n0, n1, v0, v1) in spans {
             let name = head.get(n0..n1)?;
@@ -237,14 +274,10 @@ impl Fields {
     }
 }
 
-/// The bytes of `s` as text when every one is visible ASCII, space or tab (what
-/// `HeaderValue::to_str` accepts).
-pub fn visible_ascii(s: &[u8]) -> Option<&str> {
-    if s.iter().all(|&b| b == b'\t' || (b' '..0x7f).contains(&b)) {
-        std::str::from_utf8(s).ok()
-    } else {
-        None
-    }
+/// Whether every byte is visible ASCII, space or tab (what `HeaderValue::to_str` accepts
+/// as text).
+pub fn is_visible_ascii(s: &[u8]) -> bool {
+    s.iter().all(|&b| b == b'\t' || (b' '..0x7f).contains(&b))
 }
 
 #[cfg(test)]
@@ -342,9 +375,17 @@ mod tests {
 
     #[test]
     fn visible_ascii_is_what_header_values_call_text() {
-        assert_eq!(visible_ascii(b"a b\tc~"), Some("a b\tc~"));
-        assert_eq!(visible_ascii(b"caf\xc3\xa9"), None);
-        assert_eq!(visible_ascii(b"\x7f"), None);
-        assert_eq!(visible_ascii(b""), Some(""));
+        for (s, text) in [
+            (&b"a b\tc~"[..], true),
+            (b"caf\xc3\xa9", false),
+            (b"\x7f", false),
+            (b"\x1f", false),
+            (b"", true),
+        ] {
+            assert_eq!(is_visible_ascii(s), text, "{s:?}");
+            if let Ok(v) = HeaderValue::from_bytes(s) {
+                assert_eq!(v.to_str().is_ok(), text, "{s:?}");
+            }
+        }
     }
 }

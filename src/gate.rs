@@ -8,7 +8,7 @@
 
 use http::{Method, StatusCode, Uri};
 
-use crate::fields::{Fields, Name, Occurs, visible_ascii};
+use crate::fields::{Fields, Name, Occurs, is_visible_ascii};
 use crate::token::ProxyToken;
 
 /// The path that is forwarded.
@@ -204,16 +204,20 @@ fn host_is_ours(fields: &Fields, port: u16) -> bool {
     let Occurs::Once(host) = fields.occurs(Name::Host) else {
         return false;
     };
-    let Some(host) = visible_ascii(host) else {
+    let Some(colon) = host.iter().rposition(|&b| b == b':') else {
         return false;
     };
-    let Some((name, host_port)) = host.rsplit_once(':') else {
-        return false;
-    };
-    let port_ok = host_port.parse::<u16>().ok() == Some(port)
-        && !host_port.starts_with('+')
-        && !host_port.starts_with('0');
-    port_ok && (name == "127.0.0.1" || name == "[::1]" || name.eq_ignore_ascii_case("localhost"))
+    let (name, host_port) = (&host[..colon], &host[colon + 1..]);
+    // Plain digits without a leading zero (no sign, no padding), naming our port.
+    let port_ok = !host_port.is_empty()
+        && host_port[0] != b'0'
+        && host_port.len() <= 5
+        && host_port.iter().all(u8::is_ascii_digit)
+        && host_port
+            .iter()
+            .fold(0u32, |n, &d| n * 10 + u32::from(d - b'0'))
+            == u32::from(port);
+    port_ok && (name == b"127.0.0.1" || name == b"[::1]" || name.eq_ignore_ascii_case(b"localhost"))
 }
 
 /// Whether the head announces a body: a `Transfer-Encoding`, or a `Content-Length` other
@@ -235,11 +239,14 @@ fn is_json(fields: &Fields) -> bool {
     let Occurs::Once(ct) = fields.occurs(Name::ContentType) else {
         return false;
     };
-    let Some(ct) = visible_ascii(ct) else {
+    // Text only (no obs-text bytes anywhere, parameters included).
+    if !is_visible_ascii(ct) {
         return false;
-    };
-    let media_type = ct.split(';').next().unwrap_or("").trim();
-    media_type.eq_ignore_ascii_case("application/json")
+    }
+    let media_type = ct.split(|&b| b == b';').next().unwrap_or_default();
+    media_type
+        .trim_ascii()
+        .eq_ignore_ascii_case(b"application/json")
 }
 
 fn check_token(fields: &Fields, token: &ProxyToken) -> Result<(), Refusal> {
@@ -562,6 +569,69 @@ mod tests {
                 method: "POST",
                 target: "/v1/responses",
                 headers: replace(good(), "host", "127.0.0.1:04242"),
+                shutdown: false,
+                want: Err(BadHost),
+            },
+            Case {
+                method: "POST",
+                target: "/v1/responses",
+                headers: replace(good(), "host", "127.0.0.1:+4242"),
+                shutdown: false,
+                want: Err(BadHost),
+            },
+            Case {
+                method: "POST",
+                target: "/v1/responses",
+                headers: replace(good(), "host", "127.0.0.1:"),
+                shutdown: false,
+                want: Err(BadHost),
+            },
+            Case {
+                method: "POST",
+                target: "/v1/responses",
+                headers: replace(good(), "host", "127.0.0.1:4242x"),
+                shutdown: false,
+                want: Err(BadHost),
+            },
+            Case {
+                method: "POST",
+                target: "/v1/responses",
+                headers: replace(good(), "host", "127.0.0.1:4242 "),
+                shutdown: false,
+                want: Err(BadHost),
+            },
+            Case {
+                method: "POST",
+                target: "/v1/responses",
+                headers: replace(good(), "host", "127.0.0.1:42420"),
+                shutdown: false,
+                want: Err(BadHost),
+            },
+            Case {
+                method: "POST",
+                target: "/v1/responses",
+                headers: replace(good(), "host", "127.0.0.1:4294971538"),
+                shutdown: false,
+                want: Err(BadHost),
+            },
+            Case {
+                method: "POST",
+                target: "/v1/responses",
+                headers: replace(good(), "host", "127.0.0.1:69778"),
+                shutdown: false,
+                want: Err(BadHost),
+            },
+            Case {
+                method: "POST",
+                target: "/v1/responses",
+                headers: replace(good(), "host", ":4242"),
+                shutdown: false,
+                want: Err(BadHost),
+            },
+            Case {
+                method: "POST",
+                target: "/v1/responses",
+                headers: replace(good(), "host", "127.0.0.1:4242:4242"),
                 shutdown: false,
                 want: Err(BadHost),
             },

@@ -77,7 +77,9 @@ pub fn encode_request_head<'a>(
             continue;
         }
         // Names go out lowercased, as the other HTTP clients of the proxy send them.
-        out.extend(name.iter().map(u8::to_ascii_lowercase));
+        let at = out.len();
+        out.extend_from_slice(name);
+        out[at..].make_ascii_lowercase();
         out.extend_from_slice(b": ");
         out.extend_from_slice(value);
         out.extend_from_slice(b"\r\n");
@@ -88,7 +90,7 @@ pub fn encode_request_head<'a>(
     match body_length {
         Some(n) => {
             out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(n.to_string().as_bytes());
+            push_decimal(&mut out, n);
             out.extend_from_slice(b"\r\n\r\n");
         }
         None => out.extend_from_slice(b"transfer-encoding: chunked\r\n\r\n"),
@@ -148,6 +150,32 @@ pub fn parse_response_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, H
         version,
         headers,
     }))
+}
+
+/// Appends a chunk-size line: lowercase hex without padding, then CRLF.
+pub(crate) fn push_chunk_size(out: &mut Vec<u8>, n: usize) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let digits = (usize::BITS - n.leading_zeros()).div_ceil(4).max(1);
+    for i in (0..digits).rev() {
+        out.push(HEX[(n >> (i * 4)) & 0xf]);
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends `n` in decimal (a `Content-Length` value) without allocating.
+fn push_decimal(out: &mut Vec<u8>, n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut rest = n;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
 }
 
 /// How one attempt to parse a head ended.
@@ -235,7 +263,7 @@ pub fn parse_request_head(
     buf: &mut BytesMut,
     max_head: usize,
 ) -> Result<Option<RequestHead>, RequestHeadError> {
-    let (len, method, target, minor, spans) = {
+    let (len, method, target, minor, located) = {
         let mut fields: [std::mem::MaybeUninit<httparse::Header<'_>>; MAX_REQUEST_HEADERS] =
             [const { std::mem::MaybeUninit::uninit() }; MAX_REQUEST_HEADERS];
         let mut req = httparse::Request::new(&mut []);
@@ -262,7 +290,7 @@ pub fn parse_request_head(
             method,
             (target, target + path.len()),
             req.version,
-            spans_of(buf, req.headers),
+            Fields::locate(buf, req.headers),
         )
     };
     if len > max_head {
@@ -277,7 +305,7 @@ pub fn parse_request_head(
     let bare_lf = memchr::memchr_iter(b'\n', &head).any(|at| at == 0 || head[at - 1] != b'\r');
     let uri = Uri::from_maybe_shared(head.slice(target.0..target.1))
         .map_err(|_| RequestHeadError::Malformed)?;
-    let fields = Fields::from_spans(head, &spans).ok_or(RequestHeadError::Malformed)?;
+    let fields = Fields::attach(head, located).ok_or(RequestHeadError::Malformed)?;
     Ok(Some(RequestHead {
         method,
         uri,
@@ -392,7 +420,7 @@ pub fn encode_response_head(
     match framing {
         ResponseFraming::NoBody(Some(n)) | ResponseFraming::Length(n) => {
             out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(n.to_string().as_bytes());
+            push_decimal(out, n);
             out.extend_from_slice(b"\r\n");
         }
         ResponseFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
@@ -627,6 +655,26 @@ mod tests {
 
     fn head(raw: &str) -> ResponseHead {
         parse(raw.as_bytes()).expect("valid").expect("complete")
+    }
+
+    #[test]
+    fn numbers_are_written_plainly() {
+        for (n, want) in [
+            (1usize, "1\r\n"),
+            (15, "f\r\n"),
+            (16, "10\r\n"),
+            (4096, "1000\r\n"),
+            (0xabcdef, "abcdef\r\n"),
+        ] {
+            let mut out = Vec::new();
+            push_chunk_size(&mut out, n);
+            assert_eq!(String::from_utf8_lossy(&out), want);
+        }
+        for n in [0u64, 7, 10, 99, 1024, 8 << 20, u64::MAX] {
+            let mut out = b"x".to_vec();
+            push_decimal(&mut out, n);
+            assert_eq!(out, format!("x{n}").into_bytes());
+        }
     }
 
     #[test]
