@@ -221,6 +221,18 @@ impl Fields {
         map
     }
 
+    /// The head's bytes.
+    pub(crate) fn head(&self) -> &[u8] {
+        &self.head
+    }
+
+    /// Where each field's line starts (its name) and where its value ends, in the head.
+    pub(crate) fn lines(&self) -> impl Iterator<Item = (usize, usize)> {
+        self.list
+            .iter()
+            .map(|f| (f.name.0 as usize, f.value.1 as usize))
+    }
+
     fn bytes(&self, (start, end): (u32, u32)) -> &[u8] {
         &self.head[start as usize..end as usize]
     }

@@ -33,7 +33,8 @@ const LIMIT: usize = 2048;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&seed, rest)) = data.split_first() else { return };
-    let whole = h1::parse_request_head(&mut BytesMut::from(rest), LIMIT);
+    let mut left = BytesMut::from(rest);
+    let whole = h1::parse_request_head(&mut left, LIMIT);
     let step = usize::from(seed % 17) + 1;
     let mut buf = BytesMut::new();
     let mut split = Ok(None);
@@ -50,6 +51,9 @@ fuzz_target!(|data: &[u8]| {
         _ => assert_eq!(shape(&whole), shape(&split)),
     }
     let Ok(Some(head)) = whole else { return };
+    // The bare-LF flag (found without a scan when the layout allows) is what a full scan finds.
+    let len = rest.len() - left.len();
+    assert_eq!(head.bare_lf, h1::has_bare_lf(&rest[..len]), "bare LF flag");
     let _ = h1::request_framing(&head.fields, head.version);
     let _ = h1::request_keeps_alive(&head);
     let _ = h1::expects_continue(&head);
