@@ -17,8 +17,7 @@ use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::CONNECTION;
-use http::{Method, Response, StatusCode, Version};
+use http::{Method, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
@@ -28,7 +27,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::body::{BoxError, ProxyBody};
 use crate::h1::{self, Chunked, RequestFraming, RequestHead, RequestHeadError, ResponseFraming};
-use crate::proxy::{Proxy, error_body, json_response};
+use crate::proxy::{Proxy, Reply, error_body, json_response};
 use crate::server::ServerLimits;
 use crate::sys;
 use crate::upstream::Upstream;
@@ -427,12 +426,12 @@ pub async fn serve(stream: TcpStream, ctx: Arc<ConnContext>, mut drain: watch::R
             // answers) is left alone, and the connection ends after this response.
             keep_alive &= st.body == BodyRead::Done;
         }
-        keep_alive &= !*drain.borrow() && !resp.headers().contains_key(CONNECTION);
-        let exact = resp.body().size_hint().exact();
+        keep_alive &= !*drain.borrow() && !resp.close;
+        let exact = resp.body.size_hint().exact();
         let framing = if is_head
-            || resp.status().is_informational()
-            || resp.status() == StatusCode::NO_CONTENT
-            || resp.status() == StatusCode::NOT_MODIFIED
+            || resp.status.is_informational()
+            || resp.status == StatusCode::NO_CONTENT
+            || resp.status == StatusCode::NOT_MODIFIED
         {
             ResponseFraming::NoBody(exact.filter(|_| is_head))
         } else if let Some(n) = exact {
@@ -538,12 +537,17 @@ async fn read_head(
 /// off or the client went away, and the connection must close at once.
 async fn write_response(
     shared: &Shared,
-    resp: Response<ProxyBody>,
+    resp: Reply,
     framing: ResponseFraming,
     close: bool,
     read_ahead: usize,
 ) -> io::Result<bool> {
-    let (parts, mut body) = resp.into_parts();
+    let Reply {
+        status,
+        fields,
+        mut body,
+        ..
+    } = resp;
     // A fixed body's length is known even where `framing` was chosen before it (errors).
     let framing = match (framing, &body) {
         (ResponseFraming::Length(0), ProxyBody::Fixed(Some(b))) => {
@@ -552,8 +556,8 @@ async fn write_response(
         (f, _) => f,
     };
     let mut out = Vec::with_capacity(1024);
-    h1::encode_response_head(&mut out, parts.status, &parts.headers, framing, close);
-    drop(parts);
+    h1::encode_response_head(&mut out, status, &fields, framing, close);
+    drop(fields);
     let (limit, chunked) = match framing {
         ResponseFraming::NoBody(_) => {
             shared.write_all(&[&out]).await?;

@@ -35,6 +35,8 @@ pub enum Name {
     KeepAlive,
     /// `origin`
     Origin,
+    /// `proxy-authenticate` (a response field)
+    ProxyAuthenticate,
     /// `proxy-authorization`
     ProxyAuthorization,
     /// `proxy-connection`
@@ -79,6 +81,7 @@ impl Name {
             14 if is(b"sec-fetch-site") => Self::SecFetchSite,
             16 if is(b"proxy-connection") => Self::ProxyConnection,
             17 if is(b"transfer-encoding") => Self::TransferEncoding,
+            18 if is(b"proxy-authenticate") => Self::ProxyAuthenticate,
             19 if is(b"proxy-authorization") => Self::ProxyAuthorization,
             n if n >= 12 && name[..12].eq_ignore_ascii_case(b"x-forwarded-") => Self::XForwarded,
             _ => Self::Other,
@@ -178,22 +181,47 @@ impl Fields {
         Some(Self { head, list })
     }
 
-    /// Fields holding what `headers` holds (for tests, fuzzing and tools that start from
-    /// a header map).
+    /// Fields holding what `headers` holds (for tests, fuzzing, and the HTTPS client's
+    /// answers, which come as a header map).
     pub fn from_header_map(headers: &HeaderMap) -> Self {
+        Self::from_pairs(
+            headers
+                .iter()
+                .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes())),
+        )
+    }
+
+    /// Fields holding these names and values, in order, in a head of their own. The
+    /// caller passes valid names and values (constants, or values taken from fields).
+    pub(crate) fn from_pairs<'a>(pairs: impl Iterator<Item = (&'a [u8], &'a [u8])>) -> Self {
         let mut head = Vec::new();
-        let mut spans = Vec::with_capacity(headers.len());
-        for (name, value) in headers {
+        let mut spans = Vec::new();
+        for (name, value) in pairs {
             let n0 = head.len();
-            head.extend_from_slice(name.as_str().as_bytes());
+            head.extend_from_slice(name);
             let n1 = head.len();
             head.extend_from_slice(b": ");
             let v0 = head.len();
-            head.extend_from_slice(value.as_bytes());
+            head.extend_from_slice(value);
             spans.push((n0, n1, v0, head.len()));
             head.extend_from_slice(b"\r\n");
         }
         Self::from_spans(Bytes::from(head), &spans).unwrap_or_default()
+    }
+
+    /// Keeps only the fields `keep` picks (by what they are and their name as sent); the
+    /// bytes stay where they are, the others are just no longer fields.
+    pub fn retain(&mut self, mut keep: impl FnMut(Name, &[u8]) -> bool) {
+        let head = &self.head;
+        self.list
+            .retain(|f| keep(f.kind, &head[f.name.0 as usize..f.name.1 as usize]));
+    }
+
+    /// The first value of the field named `name` (any case), if any.
+    pub fn get(&self, name: &[u8]) -> Option<&[u8]> {
+        self.iter()
+            .find(|(_, n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, _, v)| v)
     }
 
     /// The same fields as a header map (names lowercased; values shared, not copied).
@@ -328,6 +356,7 @@ mod tests {
             ("Proxy-Connection", Name::ProxyConnection),
             ("Transfer-Encoding", Name::TransferEncoding),
             ("Proxy-Authorization", Name::ProxyAuthorization),
+            ("Proxy-Authenticate", Name::ProxyAuthenticate),
             ("X-Forwarded-For", Name::XForwarded),
             ("x-forwarded-", Name::XForwarded),
             ("x-forwarded", Name::Other),
@@ -376,6 +405,19 @@ mod tests {
         let things: Vec<_> = map.get_all("x-thing").iter().collect();
         assert_eq!(things, vec!["1", "2 "]);
         assert!(Fields::default().to_header_map().is_empty());
+    }
+
+    #[test]
+    fn retain_and_get() {
+        let mut f = fields(&[("A", "1"), ("b", "2"), ("X-Request-Id", "r"), ("a", "3")]);
+        assert_eq!(f.get(b"x-request-id"), Some(&b"r"[..]));
+        assert_eq!(f.get(b"A"), Some(&b"1"[..]));
+        assert_eq!(f.get(b"c"), None);
+        f.retain(|_, n| !n.eq_ignore_ascii_case(b"a"));
+        let left: Vec<_> = f.iter().map(|(_, n, v)| (n, v)).collect();
+        assert_eq!(left, [(&b"b"[..], &b"2"[..]), (b"x-request-id", b"r")]);
+        let made = Fields::from_pairs([(&b"Content-Type"[..], &b"text/plain"[..])].into_iter());
+        assert_eq!(made.occurs(Name::ContentType), Occurs::Once(b"text/plain"));
     }
 
     #[test]

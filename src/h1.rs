@@ -9,9 +9,8 @@
 //! repeated lengths, obsolete line folding, a bare LF, a head over the limit) is an error: a
 //! client gets 400 or 431 and the connection ends; an upstream's answer becomes a 502.
 
-use bytes::{Buf, Bytes, BytesMut};
-use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
-use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, Version};
+use bytes::{Buf, BytesMut};
+use http::{Method, StatusCode, Uri, Version};
 
 use crate::fields::{Fields, Name, Occurs};
 
@@ -105,17 +104,17 @@ pub struct ResponseHead {
     pub status: StatusCode,
     /// HTTP/1.0 or HTTP/1.1.
     pub version: Version,
-    /// The header fields, validated.
-    pub headers: HeaderMap,
+    /// The header fields, validated, as sent.
+    pub fields: Fields,
 }
 
 /// Parses a response head at the start of `buf`: `Ok(None)` while incomplete; once
-/// complete, the head's bytes are split off `buf` and the header values share them (no copy
-/// per value).
+/// complete, the head's bytes are split off `buf` and the fields are read in place (no
+/// copy per value).
 pub fn parse_response_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, H1Error> {
     // Offsets of each name and value in `buf`, taken while httparse borrows it. (The field
     // array is left uninitialised: httparse writes what it returns.)
-    let (len, code, minor, spans) = {
+    let (len, code, minor, located) = {
         let mut fields: [std::mem::MaybeUninit<httparse::Header<'_>>; MAX_RESPONSE_HEADERS] =
             [const { std::mem::MaybeUninit::uninit() }; MAX_RESPONSE_HEADERS];
         let mut resp = httparse::Response::new(&mut []);
@@ -130,7 +129,12 @@ pub fn parse_response_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, H
             Attempt::TooLarge => return Err(H1Error::HeadTooLarge),
             Attempt::Malformed => return Err(H1Error::MalformedHead),
         };
-        (len, resp.code, resp.version, spans_of(buf, resp.headers))
+        (
+            len,
+            resp.code,
+            resp.version,
+            Fields::locate(buf, resp.headers),
+        )
     };
     if len > MAX_RESPONSE_HEAD {
         return Err(H1Error::HeadTooLarge);
@@ -144,11 +148,11 @@ pub fn parse_response_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, H
         _ => return Err(H1Error::MalformedHead),
     };
     let head = buf.split_to(len).freeze();
-    let headers = header_map(&head, &spans).ok_or(H1Error::MalformedHead)?;
+    let fields = Fields::attach(head, located).ok_or(H1Error::MalformedHead)?;
     Ok(Some(ResponseHead {
         status,
         version,
-        headers,
+        fields,
     }))
 }
 
@@ -198,34 +202,6 @@ fn attempt(parsed: httparse::Result<usize>, buffered: usize, max: usize) -> Atte
         Err(httparse::Error::TooManyHeaders) => Attempt::TooLarge,
         Err(_) => Attempt::Malformed,
     }
-}
-
-/// Where each field's name and value lie in a head: name start and end, value start and
-/// end, as offsets into the head's bytes. (A small vector: a fixed array on the stack
-/// would have to be cleared, 4 KiB per head, which costs more than the allocation.)
-type Spans = Vec<(usize, usize, usize, usize)>;
-
-fn spans_of(base: &[u8], fields: &[httparse::Header<'_>]) -> Spans {
-    let base = base.as_ptr() as usize;
-    fields
-        .iter()
-        .map(|f| {
-            let name = f.name.as_ptr() as usize - base;
-            let value = f.value.as_ptr() as usize - base;
-            (name, name + f.name.len(), value, value + f.value.len())
-        })
-        .collect()
-}
-
-/// The header fields of a parsed head, validated; the values share the head's bytes.
-fn header_map(head: &Bytes, spans: &[(usize, usize, usize, usize)]) -> Option<HeaderMap> {
-    let mut headers = HeaderMap::with_capacity(spans.len());
-    for &(n0, n1, v0, v1) in spans {
-        let name = HeaderName::from_bytes(&head[n0..n1]).ok()?;
-        let value = HeaderValue::from_maybe_shared(head.slice(v0..v1)).ok()?;
-        headers.append(name, value);
-    }
-    Some(headers)
 }
 
 /// Most request header fields accepted from a client.
@@ -403,15 +379,6 @@ pub fn expects_continue(head: &RequestHead) -> bool {
     head.version == Version::HTTP_11 && head.fields.lists(Name::Expect, b"100-continue")
 }
 
-/// Whether a comma-separated header lists `token` (case-insensitive).
-fn has_token(headers: &HeaderMap, name: HeaderName, token: &[u8]) -> bool {
-    headers
-        .get_all(name)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
-}
-
 /// How the proxy delimits a response body it sends to a client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ResponseFraming {
@@ -426,12 +393,13 @@ pub enum ResponseFraming {
     UntilClose,
 }
 
-/// Writes a response head: status line, the headers except any framing or connection
-/// header, then the framing and `connection: close` when the connection ends after it.
+/// Writes a response head: status line, the fields (names lowercased) except any framing
+/// or connection field, then the framing and `connection: close` when the connection ends
+/// after it.
 pub fn encode_response_head(
     out: &mut Vec<u8>,
     status: StatusCode,
-    headers: &HeaderMap,
+    fields: &Fields,
     framing: ResponseFraming,
     close: bool,
 ) {
@@ -440,13 +408,18 @@ pub fn encode_response_head(
     out.push(b' ');
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
-    for (name, value) in headers {
-        if name == CONTENT_LENGTH || name == TRANSFER_ENCODING || name == CONNECTION {
+    for (kind, name, value) in fields.iter() {
+        if matches!(
+            kind,
+            Name::ContentLength | Name::TransferEncoding | Name::Connection
+        ) {
             continue;
         }
-        out.extend_from_slice(name.as_str().as_bytes());
+        let at = out.len();
+        out.extend_from_slice(name);
+        out[at..].make_ascii_lowercase();
         out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(value);
         out.extend_from_slice(b"\r\n");
     }
     match framing {
@@ -482,23 +455,22 @@ pub fn response_framing(head: &ResponseHead) -> Result<Framing, H1Error> {
     if head.status == StatusCode::NO_CONTENT || head.status == StatusCode::NOT_MODIFIED {
         return Ok(Framing::Empty);
     }
-    let mut te = head.headers.get_all(TRANSFER_ENCODING).iter();
-    let has_length = head.headers.contains_key(CONTENT_LENGTH);
-    match (te.next(), te.next()) {
-        (None, _) => {}
-        (Some(v), None)
+    let has_length = head.fields.contains(Name::ContentLength);
+    match head.fields.occurs(Name::TransferEncoding) {
+        Occurs::Never => {}
+        Occurs::Once(v)
             if !has_length
                 && head.version == Version::HTTP_11
-                && v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked") =>
+                && v.trim_ascii().eq_ignore_ascii_case(b"chunked") =>
         {
             return Ok(Framing::Chunked);
         }
         _ => return Err(H1Error::BadFraming),
     }
     let mut length = None;
-    for v in head.headers.get_all(CONTENT_LENGTH) {
+    for v in head.fields.values(Name::ContentLength) {
         // Every copy must agree.
-        let n = content_length(v.as_bytes()).ok_or(H1Error::BadFraming)?;
+        let n = content_length(v).ok_or(H1Error::BadFraming)?;
         if length.is_some_and(|l| l != n) {
             return Err(H1Error::BadFraming);
         }
@@ -514,7 +486,7 @@ pub fn response_framing(head: &ResponseHead) -> Result<Framing, H1Error> {
 /// Whether the connection may carry another request once this response is complete.
 pub fn keeps_alive(head: &ResponseHead, framing: Framing) -> bool {
     head.version == Version::HTTP_11
-        && !has_token(&head.headers, CONNECTION, b"close")
+        && !head.fields.lists(Name::Connection, b"close")
         && framing != Framing::UntilClose
 }
 
@@ -745,7 +717,7 @@ mod tests {
             .expect("complete");
         assert_eq!(&buf[..], b"DATA");
         assert_eq!(h.status, 200);
-        assert_eq!(h.headers.get_all("x-a").iter().count(), 2);
+        assert_eq!(h.fields.iter().filter(|(_, n, _)| *n == b"x-a").count(), 2);
         assert!(parse(b"HTTP/1.1 200 OK\r\nx: y\r\n").expect("ok").is_none());
         for bad in [
             "HTTP/2 200 OK\r\n\r\n",
@@ -1065,14 +1037,15 @@ mod tests {
 
     #[test]
     fn response_heads_carry_our_framing_only() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            "content-type",
-            HeaderValue::from_static("text/event-stream"),
+        let h = Fields::from_pairs(
+            [
+                (&b"Content-Type"[..], &b"text/event-stream"[..]),
+                (b"content-length", b"999"),
+                (b"Transfer-Encoding", b"gzip"),
+                (b"connection", b"upgrade"),
+            ]
+            .into_iter(),
         );
-        h.insert("content-length", HeaderValue::from_static("999"));
-        h.insert("transfer-encoding", HeaderValue::from_static("gzip"));
-        h.insert("connection", HeaderValue::from_static("upgrade"));
         for (framing, close, want) in [
             (
                 ResponseFraming::Length(5),
@@ -1117,7 +1090,7 @@ mod tests {
         encode_response_head(
             &mut out,
             StatusCode::from_u16(599).expect("status"),
-            &HeaderMap::new(),
+            &Fields::default(),
             ResponseFraming::Length(0),
             false,
         );

@@ -6,54 +6,45 @@
 //!
 //! No IO: fields in, fields out.
 
-use http::header::{
-    AUTHORIZATION, CONNECTION, PROXY_AUTHENTICATE, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
-};
-use http::{HeaderMap, HeaderName, HeaderValue};
+use http::header::AUTHORIZATION;
+use http::{HeaderMap, HeaderValue};
 
 use crate::fields::{Fields, Name};
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1 and the legacy ones), removed in both directions.
-const HOP_BY_HOP: [HeaderName; 7] = [
-    CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    TE,
-    TRAILER,
-    TRANSFER_ENCODING,
-    UPGRADE,
-    HeaderName::from_static("proxy-connection"),
-];
-
-/// Whether a request field never reaches the upstream, whatever `Connection` says: the
-/// hop-by-hop set (the same as [`HOP_BY_HOP`]), credentials meant for the proxy, the
-/// client's `Host` (the upstream's is written instead), cookies, forwarding metadata and
-/// `Expect` (the proxy answers that itself).
-fn is_stripped_request_field(name: Name) -> bool {
-    match name {
+/// Hop-by-hop fields (RFC 9110 §7.6.1 and the legacy ones), removed in both directions.
+fn is_hop_by_hop(name: Name) -> bool {
+    matches!(
+        name,
         Name::Connection
-        | Name::KeepAlive
-        | Name::Te
-        | Name::Trailer
-        | Name::TransferEncoding
-        | Name::Upgrade
-        | Name::ProxyConnection
-        | Name::Authorization
-        | Name::Host
-        | Name::ProxyToken
-        | Name::ProxyAuthorization
-        | Name::Cookie
-        | Name::Forwarded
-        | Name::Expect
-        | Name::XForwarded => true,
-        Name::ContentLength
-        | Name::ContentType
-        | Name::Origin
-        | Name::SecFetchSite
-        | Name::Other => false,
-    }
+            | Name::KeepAlive
+            | Name::Te
+            | Name::Trailer
+            | Name::TransferEncoding
+            | Name::Upgrade
+            | Name::ProxyConnection
+    )
 }
 
-/// The names a request's `Connection` lists (none, without allocating, when it is absent).
+/// Whether a request field never reaches the upstream, whatever `Connection` says: the
+/// hop-by-hop set, credentials meant for the proxy, the client's `Host` (the upstream's is
+/// written instead), cookies, forwarding metadata and `Expect` (the proxy answers that
+/// itself).
+fn is_stripped_request_field(name: Name) -> bool {
+    is_hop_by_hop(name)
+        || matches!(
+            name,
+            Name::Authorization
+                | Name::Host
+                | Name::ProxyToken
+                | Name::ProxyAuthorization
+                | Name::Cookie
+                | Name::Forwarded
+                | Name::Expect
+                | Name::XForwarded
+        )
+}
+
+/// The names `Connection` lists (none, without allocating, when it is absent).
 fn listed_in_connection(fields: &Fields) -> Vec<&[u8]> {
     fields
         .values(Name::Connection)
@@ -87,34 +78,27 @@ pub fn to_upstream(fields: &Fields, authorization: HeaderValue) -> HeaderMap {
     headers
 }
 
-/// The header names listed in `Connection` (none, without allocating, when it is absent).
-fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
-    headers
-        .get_all(CONNECTION)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim_ascii()).ok())
-        .collect()
-}
-
-/// The headers to send to the client: the upstream's minus the hop-by-hop set (and
-/// `Proxy-Authenticate`, which is addressed to us, not to the client).
-pub fn to_client(mut headers: HeaderMap) -> HeaderMap {
-    let listed = connection_listed(&headers);
-    let picked: Vec<HeaderName> = headers
-        .keys()
-        .filter(|n| HOP_BY_HOP.contains(n) || *n == PROXY_AUTHENTICATE || listed.contains(n))
-        .cloned()
+/// The fields to send to the client: the upstream's minus the hop-by-hop set, what its
+/// `Connection` lists, and `Proxy-Authenticate` (addressed to the proxy, not the client).
+pub fn to_client(mut fields: Fields) -> Fields {
+    // Owned, so the fields can be trimmed while they are in hand (allocates only when the
+    // upstream sent a `Connection` listing names).
+    let listed: Vec<Vec<u8>> = listed_in_connection(&fields)
+        .into_iter()
+        .map(<[u8]>::to_vec)
         .collect();
-    for name in &picked {
-        headers.remove(name);
-    }
-    headers
+    fields.retain(|kind, name| {
+        !is_hop_by_hop(kind)
+            && kind != Name::ProxyAuthenticate
+            && !listed.iter().any(|t| t.eq_ignore_ascii_case(name))
+    });
+    fields
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderName;
 
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
@@ -197,7 +181,7 @@ mod tests {
             ("Set-Cookie", "__cf_bm=1"),
             ("Set-Cookie", "_cfuvid=2"),
         ]);
-        let out = to_client(upstream);
+        let out = to_client(Fields::from_header_map(&upstream)).to_header_map();
         assert_eq!(
             names(&out),
             [

@@ -9,6 +9,8 @@
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue};
 
+use crate::fields::Fields;
+
 /// The byte a reflected key is overwritten with.
 pub const MARK: u8 = b'*';
 
@@ -74,6 +76,30 @@ pub fn mask_headers(headers: &mut HeaderMap, key: &[u8]) {
         }
         zeroize::Zeroize::zeroize(&mut bytes);
     }
+}
+
+/// Masks the key in every field value: the fields come back as they were when none
+/// contains it (the usual case, no copy), else rebuilt with the key's bytes overwritten.
+pub fn mask_fields(fields: Fields, key: &[u8]) -> Fields {
+    if !fields.iter().any(|(_, _, v)| contains(v, key)) {
+        return fields;
+    }
+    let mut values: Vec<Vec<u8>> = fields.iter().map(|(_, _, v)| v.to_vec()).collect();
+    for value in &mut values {
+        let at = occurrences(value, key);
+        overwrite(value, &at, key.len());
+    }
+    // Replacing visible ASCII with '*' keeps every value valid.
+    let masked = Fields::from_pairs(
+        fields
+            .iter()
+            .zip(&values)
+            .map(|((_, name, _), value)| (name, value.as_slice())),
+    );
+    for value in &mut values {
+        zeroize::Zeroize::zeroize(value);
+    }
+    masked
 }
 
 /// Masks the key in a stream of body chunks.
@@ -194,5 +220,42 @@ mod tests {
         mask_headers(&mut h, KEY);
         assert_eq!(h["x-echo"], format!("Bearer {}", "*".repeat(KEY.len())));
         assert_eq!(h["x-other"], "fine");
+    }
+
+    #[test]
+    fn masks_field_values_and_leaves_clean_fields_alone() {
+        let mut h = HeaderMap::new();
+        h.append("X-Echo", HeaderValue::from_static("Bearer sk-test-abcdef"));
+        h.append("x-other", HeaderValue::from_static("fine"));
+        h.append(
+            "x-echo",
+            HeaderValue::from_static("sk-test-abcdefsk-test-abcdef!"),
+        );
+        let fields = Fields::from_header_map(&h);
+        let masked = mask_fields(fields, KEY);
+        let stars = "*".repeat(KEY.len());
+        let got: Vec<_> = masked
+            .iter()
+            .map(|(_, n, v)| {
+                (
+                    String::from_utf8_lossy(n).into_owned(),
+                    String::from_utf8_lossy(v).into_owned(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("x-echo".to_string(), format!("Bearer {stars}")),
+                ("x-echo".to_string(), format!("{stars}{stars}!")),
+                ("x-other".to_string(), "fine".to_string()),
+            ]
+        );
+        let clean = Fields::from_header_map(&HeaderMap::from_iter([(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain"),
+        )]));
+        let before = clean.head().as_ptr();
+        assert_eq!(mask_fields(clean, KEY).head().as_ptr(), before, "no copy");
     }
 }

@@ -8,14 +8,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{CACHE_CONTROL, CONTENT_TYPE, DATE};
-use http::{HeaderValue, Method, Response, StatusCode, Version};
+use http::{Method, StatusCode};
 use tokio::sync::watch;
 
 use crate::body::{BodyFault, ExchangeState, ProxyBody, ResponseStream, UpstreamRequestBody};
 use crate::config::{Config, LogLevel};
 use crate::conn::ClientBody;
 use crate::dump::{Dumper, ResponseSlot};
+use crate::fields::Fields;
 use crate::gate::{self, GatePolicy, Route};
 use crate::h1::RequestHead;
 use crate::headers;
@@ -23,7 +23,7 @@ use crate::log::{AccessRecord, Logger, sanitize_request_id};
 use crate::mask::{self, StreamMask};
 use crate::secret::ApiKey;
 use crate::token::ProxyToken;
-use crate::upstream::{self, Upstream, UpstreamBody, UpstreamFailure};
+use crate::upstream::{self, Upstream, UpstreamFailure, UpstreamResponse};
 
 /// Why the proxy is stopping.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,17 +54,36 @@ pub fn error_body(message: &str, error_type: &str, code: &str) -> Bytes {
     Bytes::from(v.to_string())
 }
 
+/// What the proxy answers a request with: status, header fields (framing is the
+/// connection's business), body, and whether the connection must end after it.
+pub struct Reply {
+    /// The status.
+    pub status: StatusCode,
+    /// The header fields, as they go to the client.
+    pub fields: Fields,
+    /// The body.
+    pub body: ProxyBody,
+    /// Close the connection after this answer (the rest of its bytes cannot be trusted).
+    pub close: bool,
+}
+
 /// A response the proxy makes itself: a small JSON body, not to be cached, dated.
-pub fn json_response(status: StatusCode, body: Bytes) -> Response<ProxyBody> {
-    let mut resp = Response::new(ProxyBody::Fixed(Some(body)));
-    *resp.status_mut() = status;
-    let headers = resp.headers_mut();
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    if let Ok(date) = HeaderValue::from_str(&crate::log::http_date_now()) {
-        headers.insert(DATE, date);
+pub fn json_response(status: StatusCode, body: Bytes) -> Reply {
+    let date = crate::log::http_date_now();
+    let fields = Fields::from_pairs(
+        [
+            (&b"content-type"[..], &b"application/json"[..]),
+            (b"cache-control", b"no-store"),
+            (b"date", date.as_bytes()),
+        ]
+        .into_iter(),
+    );
+    Reply {
+        status,
+        fields,
+        body: ProxyBody::Fixed(Some(body)),
+        close: false,
     }
-    resp
 }
 
 /// The access-log label for a path: only routes the proxy serves are named.
@@ -120,7 +139,7 @@ impl Proxy {
         head: RequestHead,
         body: ClientBody,
         ambiguous: bool,
-    ) -> Response<ProxyBody> {
+    ) -> Reply {
         let start = Instant::now();
         let mut record = AccessRecord {
             method: head.method.clone(),
@@ -135,14 +154,11 @@ impl Proxy {
         match gate::check_head(&head.method, &head.uri, &head.fields, ambiguous, &policy) {
             Err(refusal) => {
                 let body = error_body(refusal.message(), refusal.error_type(), refusal.code());
-                let mut resp =
+                let mut reply =
                     self.finish_fixed(&mut record, start, refusal.status(), refusal.code(), body);
-                if refusal == gate::Refusal::AmbiguousFraming {
-                    // The rest of the byte stream cannot be trusted: close after answering.
-                    resp.headers_mut()
-                        .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
-                }
-                resp
+                // The rest of the byte stream cannot be trusted: close after answering.
+                reply.close = refusal == gate::Refusal::AmbiguousFraming;
+                reply
             }
             Ok(Route::Shutdown) => {
                 let _ = self.stop.send(Some(StopReason::HttpShutdown));
@@ -173,7 +189,7 @@ impl Proxy {
         status: StatusCode,
         outcome: &'static str,
         body: Bytes,
-    ) -> Response<ProxyBody> {
+    ) -> Reply {
         record.status = status.as_u16();
         record.bytes_out = body.len() as u64;
         record.duration = start.elapsed();
@@ -189,7 +205,7 @@ impl Proxy {
         body: ClientBody,
         start: Instant,
         record: AccessRecord,
-    ) -> Response<ProxyBody> {
+    ) -> Reply {
         let mut pending = PendingRecord {
             record: Some(record.clone()),
             start,
@@ -209,7 +225,7 @@ impl Proxy {
         body: ClientBody,
         start: Instant,
         mut record: AccessRecord,
-    ) -> Response<ProxyBody> {
+    ) -> Reply {
         // The declared length, as the connection framed the body (already parsed once).
         if http_body::Body::size_hint(&body)
             .exact()
@@ -240,18 +256,17 @@ impl Proxy {
             Ok(resp) => resp,
             Err(e) => return self.finish_error(&mut record, start, slot, e),
         };
-        let (mut rparts, rbody) = resp.into_parts();
+        let UpstreamResponse {
+            status,
+            fields,
+            body: rbody,
+        } = resp;
         record.ttfb = Some(start.elapsed());
-        record.status = rparts.status.as_u16();
-        rparts.headers = headers::to_client(rparts.headers);
-        mask::mask_headers(&mut rparts.headers, self.key.expose_bytes());
+        record.status = status.as_u16();
+        let fields = mask::mask_fields(headers::to_client(fields), self.key.expose_bytes());
         // Read after masking, so a reflected key can never reach the log through it.
-        record.upstream_request_id = rparts
-            .headers
-            .get("x-request-id")
-            .and_then(|v| sanitize_request_id(v.as_bytes()));
-        rparts.version = Version::HTTP_11;
-        let dump = slot.map(|s| s.open(rparts.status, &rparts.headers));
+        record.upstream_request_id = fields.get(b"x-request-id").and_then(sanitize_request_id);
+        let dump = slot.map(|s| s.open(status, &fields.to_header_map()));
         let stream = ResponseStream::new(
             rbody,
             StreamMask::new(self.key.expose_bytes()),
@@ -261,16 +276,21 @@ impl Proxy {
             self.logger,
             dump,
         );
-        Response::from_parts(rparts, ProxyBody::Stream(Box::new(stream)))
+        Reply {
+            status,
+            fields,
+            body: ProxyBody::Stream(Box::new(stream)),
+            close: false,
+        }
     }
 
     /// Sends `up` and waits for the response head. The idle clock restarts whenever the
     /// client's request body makes progress, so a slow large upload is not cut.
     async fn await_head(
         &self,
-        fut: impl Future<Output = Result<Response<UpstreamBody>, upstream::UpstreamError>>,
+        fut: impl Future<Output = Result<UpstreamResponse, upstream::UpstreamError>>,
         state: &ExchangeState,
-    ) -> Result<Response<UpstreamBody>, ProxyError> {
+    ) -> Result<UpstreamResponse, ProxyError> {
         tokio::pin!(fut);
         loop {
             let deadline = state.last_activity() + self.upstream_idle_timeout;
@@ -309,7 +329,7 @@ impl Proxy {
         start: Instant,
         slot: Option<ResponseSlot>,
         e: ProxyError,
-    ) -> Response<ProxyBody> {
+    ) -> Reply {
         let (status, error_type, code, message) = e.parts();
         let body = error_body(message, error_type, code);
         if let Some(slot) = slot {

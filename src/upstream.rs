@@ -132,6 +132,16 @@ pub enum UpstreamError {
     Plain(#[from] H1Failure),
 }
 
+/// The upstream's answer: its status, its header fields as sent, its body streaming.
+pub struct UpstreamResponse {
+    /// The status.
+    pub status: http::StatusCode,
+    /// The header fields.
+    pub fields: Fields,
+    /// The body.
+    pub body: UpstreamBody,
+}
+
 /// The upstream's response body, from either transport.
 pub enum UpstreamBody {
     /// From the general pooled client.
@@ -286,7 +296,7 @@ impl Upstream {
         fields: Fields,
         authorization: HeaderValue,
         body: UpstreamRequestBody,
-    ) -> Result<http::Response<UpstreamBody>, UpstreamError> {
+    ) -> Result<UpstreamResponse, UpstreamError> {
         match &self.transport {
             Transport::Pooled(p) => {
                 let mut req = http::Request::new(body);
@@ -295,12 +305,21 @@ impl Upstream {
                 *req.version_mut() = Version::HTTP_11;
                 *req.headers_mut() = headers::to_upstream(&fields, authorization);
                 drop(fields);
-                Ok(p.client.request(req).await?.map(UpstreamBody::Pooled))
+                let (parts, body) = p.client.request(req).await?.into_parts();
+                Ok(UpstreamResponse {
+                    status: parts.status,
+                    fields: Fields::from_header_map(&parts.headers),
+                    body: UpstreamBody::Pooled(body),
+                })
             }
-            Transport::Plain(pool) => Ok(pool
-                .send(fields, authorization, body)
-                .await?
-                .map(UpstreamBody::Plain)),
+            Transport::Plain(pool) => {
+                let (status, fields, body) = pool.send(fields, authorization, body).await?;
+                Ok(UpstreamResponse {
+                    status,
+                    fields,
+                    body: UpstreamBody::Plain(body),
+                })
+            }
         }
     }
 }

@@ -21,7 +21,7 @@ use std::task::{Context, Poll, Waker, ready};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use http::{HeaderValue, Response};
+use http::{HeaderValue, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -187,15 +187,15 @@ impl H1Pool {
         Ok(stream)
     }
 
-    /// Sends one request and returns the response head with a body streaming from the
-    /// connection. `fields` are the client's (rewritten here, see [`headers`]);
+    /// Sends one request and returns the response's status and fields, and its body
+    /// streaming from the connection. `fields` are the client's (rewritten here, see [`headers`]);
     /// `authorization` is the operator's key.
     pub async fn send(
         self: &Arc<Self>,
         fields: Fields,
         authorization: HeaderValue,
         mut body: UpstreamRequestBody,
-    ) -> Result<Response<H1Body>, H1Failure> {
+    ) -> Result<(StatusCode, Fields, H1Body), H1Failure> {
         let length = body.size_hint().exact();
         // Encoded (and the client's header values let go) before any wait; room for a
         // small body, which then goes out in the same write.
@@ -280,11 +280,7 @@ impl H1Pool {
         if body.state == BodyState::Done {
             body.finish();
         }
-        let mut resp = Response::new(body);
-        *resp.status_mut() = head_in.status;
-        *resp.version_mut() = head_in.version;
-        *resp.headers_mut() = head_in.headers;
-        Ok(resp)
+        Ok((head_in.status, head_in.fields, body))
     }
 }
 
