@@ -501,9 +501,13 @@ async fn read_head(
             return Err(HeadEnd::Quiet);
         }
         let at = *deadline.get_or_insert_with(|| Instant::now() + limits.header_read_timeout);
+        // The connection's timer is moved only when it would fire after `at`. Deadlines only
+        // grow from one request to the next, so on the usual path it stays where it is and
+        // fires early at most once per timeout, to be moved on then (cheaper than moving it
+        // for every request).
         let sleep = match timer {
             Some(s) => {
-                if s.deadline() != at {
+                if s.deadline() > at {
                     s.as_mut().reset(at);
                 }
                 s
@@ -514,6 +518,10 @@ async fn read_head(
             biased;
             read = shared.fill() => read,
             () = sleep.as_mut() => {
+                if Instant::now() < at {
+                    sleep.as_mut().reset(at);
+                    continue;
+                }
                 return Err(if started {
                     HeadEnd::Refuse(
                         StatusCode::REQUEST_TIMEOUT,

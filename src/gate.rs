@@ -239,14 +239,12 @@ fn is_json(fields: &Fields) -> bool {
     let Occurs::Once(ct) = fields.occurs(Name::ContentType) else {
         return false;
     };
-    // Text only (no obs-text bytes anywhere, parameters included).
-    if !is_visible_ascii(ct) {
-        return false;
-    }
+    // The media type, then text only (no obs-text bytes anywhere, parameters included).
     let media_type = ct.split(|&b| b == b';').next().unwrap_or_default();
     media_type
         .trim_ascii()
         .eq_ignore_ascii_case(b"application/json")
+        && is_visible_ascii(ct)
 }
 
 fn check_token(fields: &Fields, token: &ProxyToken) -> Result<(), Refusal> {

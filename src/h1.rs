@@ -362,10 +362,13 @@ pub fn request_framing(fields: &Fields, version: Version) -> RequestFraming {
 /// A `Content-Length` value: digits only (no sign, no spaces inside), at most 19 of them.
 fn content_length(v: &[u8]) -> Option<u64> {
     let digits = v.trim_ascii();
-    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+    if digits.is_empty() || digits.len() > 19 {
         return None;
     }
-    std::str::from_utf8(digits).ok()?.parse().ok()
+    // At most 19 digits: below u64::MAX, no overflow.
+    digits.iter().try_fold(0u64, |n, &d| {
+        d.is_ascii_digit().then(|| n * 10 + u64::from(d - b'0'))
+    })
 }
 
 /// Whether the client lets the connection carry another request after this one:
@@ -992,6 +995,12 @@ mod tests {
             ("content-length: +2\r\n", RequestFraming::Invalid),
             ("content-length: 2 2\r\n", RequestFraming::Invalid),
             ("content-length: 0x10\r\n", RequestFraming::Invalid),
+            (
+                "content-length: 9999999999999999999\r\n",
+                RequestFraming::Length(9_999_999_999_999_999_999),
+            ),
+            ("content-length: 007\r\n", RequestFraming::Length(7)),
+            ("content-length: 1²\r\n", RequestFraming::Invalid),
             (
                 "content-length: 99999999999999999999\r\n",
                 RequestFraming::Invalid,

@@ -439,3 +439,36 @@ async fn a_client_that_reads_nothing_is_cut_off_after_the_body_read_timeout() {
     });
     drop(s);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_head_deadline_restarts_with_each_request() {
+    // The connection's timer is left armed at the first request's deadline and moved on
+    // only when it fires: a later request must still get its own full --header-read-timeout.
+    let up = MockUpstream::plain(|_| Reply::json(200, "{}")).await;
+    let p = start_proxy(&[
+        "--upstream-url",
+        &up.url(),
+        "--header-read-timeout",
+        "800ms",
+    ]);
+    let mut s = connect(&p).await;
+    let mut buf = Vec::new();
+    let first = head(&p, &p.token, "content-length: 2\r\n\r\n{}");
+    let (part, rest) = first.split_at(20);
+    s.write_all(part.as_bytes()).await.expect("write");
+    // Deliberate pauses: what is tested is elapsed time. The first head completes 0.6 s in
+    // (its deadline is at 0.8 s); the second is sent 1.1 s in, past the first deadline and
+    // within its own (0.6 + 0.8 s).
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    s.write_all(rest.as_bytes()).await.expect("write");
+    let (status, _, _) = read_response(&mut s, &mut buf).await;
+    assert_eq!(status, 200);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    s.write_all(first.as_bytes()).await.expect("write");
+    let (status, _, _) = read_response(&mut s, &mut buf).await;
+    assert_eq!(status, 200, "the second request had its own deadline");
+    // And a head that then stalls still gets its 408.
+    s.write_all(part.as_bytes()).await.expect("write");
+    let (status, _, _) = read_response(&mut s, &mut buf).await;
+    assert_eq!(status, 408);
+}
