@@ -197,32 +197,41 @@ impl H1Pool {
         mut body: UpstreamRequestBody,
     ) -> Result<(StatusCode, Fields, H1Body), H1Failure> {
         let length = body.size_hint().exact();
+        let chunked = length.is_none();
         // Encoded (and the client's header values let go) before any wait; room for a
-        // small body, which then goes out in the same write.
-        let room = length.map_or(4096, |n| usize::try_from(n).unwrap_or(0).min(16 << 10)) + 24;
+        // chunk-size line.
         let mut head = h1::encode_request_head(
             &self.path_and_query,
             &self.authority,
             headers::upstream_fields(&fields),
             authorization.as_bytes(),
             length,
-            room,
+            24,
         );
         drop((fields, authorization));
-        // The head waits for the first body frame and goes out with it in one write (the
-        // upstream can do nothing with a head alone; the body's own stall timer and the
-        // caller's idle timer bound the wait).
+        // The head waits for the first body frame and goes out with it in one (vectored)
+        // write: the upstream can do nothing with a head alone; the body's own stall timer
+        // and the caller's idle timer bound the wait. The frame is not copied.
         let first = match std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
             Some(Ok(frame)) => Some(frame.into_data().unwrap_or_default()),
             Some(Err(e)) => return Err(H1Failure::Body(e)),
             None => None,
         };
         let body_done = first.is_none();
-        match first {
-            Some(data) => frame_into(&mut head, &data, length.is_none()),
-            None if length.is_none() => head.extend_from_slice(b"0\r\n\r\n"),
-            None => {}
-        }
+        let (mut data, tail): (Bytes, &[u8]) = match first {
+            // An empty frame is no chunk (a zero-size chunk would end the body).
+            Some(d) if d.is_empty() => (Bytes::new(), b""),
+            Some(d) if chunked => {
+                h1::push_chunk_size(&mut head, d.len());
+                (d, b"\r\n")
+            }
+            Some(d) => (d, b""),
+            None if chunked => {
+                head.extend_from_slice(b"0\r\n\r\n");
+                (Bytes::new(), b"")
+            }
+            None => (Bytes::new(), b""),
+        };
         let mut stream = match self.checkout() {
             Some(s) => s,
             None => self.connect().await?,
@@ -232,10 +241,13 @@ impl H1Pool {
         let (head_in, sent) = {
             let (mut rd, mut wr) = stream.split();
             let writer = async {
-                wr.write_all(&head).await.map_err(H1Failure::Io)?;
+                write_parts(&mut wr, &[&head, &data, tail])
+                    .await
+                    .map_err(H1Failure::Io)?;
                 drop(std::mem::take(&mut head));
+                drop(std::mem::take(&mut data));
                 if !body_done {
-                    write_body(&mut wr, &mut body, length.is_none()).await?;
+                    write_body(&mut wr, &mut body, chunked).await?;
                 }
                 Ok::<(), H1Failure>(())
             };
@@ -302,18 +314,32 @@ async fn reap(pool: Weak<H1Pool>) {
     }
 }
 
-/// Appends one body chunk in the chosen framing.
-fn frame_into(out: &mut Vec<u8>, data: &[u8], chunked: bool) {
-    if data.is_empty() {
-        return;
+/// Writes all of `parts`, in order, with as few (vectored) writes as the socket allows.
+async fn write_parts(
+    wr: &mut tokio::net::tcp::WriteHalf<'_>,
+    parts: &[&[u8]; 3],
+) -> io::Result<()> {
+    let total: usize = parts.iter().map(|p| p.len()).sum();
+    let mut done = 0;
+    while done < total {
+        let mut skip = done;
+        let mut slices = [io::IoSlice::new(&[]); 3];
+        let mut used = 0;
+        for p in parts {
+            if skip >= p.len() {
+                skip -= p.len();
+                continue;
+            }
+            slices[used] = io::IoSlice::new(&p[skip..]);
+            used += 1;
+            skip = 0;
+        }
+        match wr.write_vectored(&slices[..used]).await? {
+            0 => return Err(io::ErrorKind::WriteZero.into()),
+            n => done += n,
+        }
     }
-    if chunked {
-        h1::push_chunk_size(out, data.len());
-        out.extend_from_slice(data);
-        out.extend_from_slice(b"\r\n");
-    } else {
-        out.extend_from_slice(data);
-    }
+    Ok(())
 }
 
 async fn write_body(
@@ -331,14 +357,16 @@ async fn write_body(
                 if data.is_empty() {
                     continue;
                 }
-                if chunked {
-                    let size = format!("{:x}\r\n", data.len());
-                    wr.write_all(size.as_bytes()).await.map_err(H1Failure::Io)?;
-                    wr.write_all(&data).await.map_err(H1Failure::Io)?;
-                    wr.write_all(b"\r\n").await.map_err(H1Failure::Io)?;
+                let mut size = Vec::new();
+                let tail: &[u8] = if chunked {
+                    h1::push_chunk_size(&mut size, data.len());
+                    b"\r\n"
                 } else {
-                    wr.write_all(&data).await.map_err(H1Failure::Io)?;
-                }
+                    b""
+                };
+                write_parts(wr, &[&size, &data, tail])
+                    .await
+                    .map_err(H1Failure::Io)?;
             }
             Some(Err(e)) => return Err(H1Failure::Body(e)),
             None => {
@@ -513,6 +541,39 @@ impl Body for H1Body {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn parts_written_in_pieces_arrive_whole_and_in_order() {
+        // Far more than the socket buffers hold, so writes come back short and resume
+        // mid-part, and across part boundaries.
+        let parts: Vec<Vec<u8>> = [3usize << 20, 1, 5 << 20]
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| (0..n).map(|j| (j * 7 + i * 13) as u8).collect())
+            .collect();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let reader = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.expect("accept");
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).await.expect("read");
+            got
+        });
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        let (_, mut wr) = s.split();
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            write_parts(&mut wr, &[&parts[0], &parts[1], &parts[2]]),
+        )
+        .await
+        .expect("in time")
+        .expect("written");
+        drop(s);
+        let got = reader.await.expect("reader");
+        assert_eq!(got, parts.concat());
+    }
 
     #[test]
     fn reads_start_small_and_grow_only_when_filled() {
