@@ -78,25 +78,31 @@ pub fn mask_headers(headers: &mut HeaderMap, key: &[u8]) {
     }
 }
 
-/// Masks the key in every field value: the fields come back as they were when none
-/// contains it (the usual case, no copy), else rebuilt with the key's bytes overwritten.
+/// Masks the key in every field, name and value: the fields come back as they were when
+/// none contains it (the usual case, no copy), else rebuilt with the key's bytes
+/// overwritten. (A name holding the key is only a hostile or broken upstream's doing; `*`
+/// is a valid name character, so the masked name is still a name.)
 pub fn mask_fields(fields: Fields, key: &[u8]) -> Fields {
-    if !fields.iter().any(|(_, _, v)| contains(v, key)) {
+    if !fields
+        .iter()
+        .any(|(_, n, v)| contains(v, key) || contains(n, key))
+    {
         return fields;
     }
-    let mut values: Vec<Vec<u8>> = fields.iter().map(|(_, _, v)| v.to_vec()).collect();
-    for value in &mut values {
-        let at = occurrences(value, key);
-        overwrite(value, &at, key.len());
+    let mut pairs: Vec<(Vec<u8>, Vec<u8>)> = fields
+        .iter()
+        .map(|(_, n, v)| (n.to_vec(), v.to_vec()))
+        .collect();
+    drop(fields);
+    for (name, value) in &mut pairs {
+        for part in [name, value] {
+            let at = occurrences(part, key);
+            overwrite(part, &at, key.len());
+        }
     }
-    // Replacing visible ASCII with '*' keeps every value valid.
-    let masked = Fields::from_pairs(
-        fields
-            .iter()
-            .zip(&values)
-            .map(|((_, name, _), value)| (name, value.as_slice())),
-    );
-    for value in &mut values {
+    let masked = Fields::from_pairs(pairs.iter().map(|(n, v)| (n.as_slice(), v.as_slice())));
+    for (name, value) in &mut pairs {
+        zeroize::Zeroize::zeroize(name);
         zeroize::Zeroize::zeroize(value);
     }
     masked
@@ -251,6 +257,15 @@ mod tests {
                 ("x-other".to_string(), "fine".to_string()),
             ]
         );
+        // A name holding the key is masked too.
+        let mut h = HeaderMap::new();
+        h.append(
+            http::HeaderName::from_bytes(b"x-sk-test-abcdef").expect("name"),
+            HeaderValue::from_static("1"),
+        );
+        let masked = mask_fields(Fields::from_header_map(&h), KEY);
+        let names: Vec<_> = masked.iter().map(|(_, n, _)| n.to_vec()).collect();
+        assert_eq!(names, [format!("x-{stars}").into_bytes()]);
         let clean = Fields::from_header_map(&HeaderMap::from_iter([(
             http::header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain"),
