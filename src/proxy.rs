@@ -165,7 +165,18 @@ impl Proxy {
                 let body = Bytes::from_static(b"{\"status\":\"shutting down\"}");
                 self.finish_fixed(&mut record, start, StatusCode::OK, "shutdown", body)
             }
-            Ok(Route::Responses) => self.forward(upstream, head, body, start, record).await,
+            Ok(Route::Responses) => {
+                // Logs the exchange if the client goes away (this future is dropped) before
+                // there is a response to log it with.
+                let mut pending = PendingRecord {
+                    record: Some(record.clone()),
+                    start,
+                    logger: self.logger,
+                };
+                let reply = self.forward(upstream, head, body, start, record).await;
+                pending.record = None;
+                reply
+            }
         }
     }
 
@@ -199,26 +210,6 @@ impl Proxy {
     }
 
     async fn forward(
-        &self,
-        upstream: &Upstream,
-        head: RequestHead,
-        body: ClientBody,
-        start: Instant,
-        record: AccessRecord,
-    ) -> Reply {
-        let mut pending = PendingRecord {
-            record: Some(record.clone()),
-            start,
-            logger: self.logger,
-        };
-        let resp = self
-            .forward_inner(upstream, head, body, start, record)
-            .await;
-        pending.record = None;
-        resp
-    }
-
-    async fn forward_inner(
         &self,
         upstream: &Upstream,
         head: RequestHead,
