@@ -366,6 +366,11 @@ mod tests {
             ("sec-fetch-mode", Name::Other),
             ("x-proxy-tokens", Name::Other),
             ("", Name::Other),
+            ("Xe", Name::Other),
+            ("content-typf", Name::Other),
+            ("dontent-type", Name::Other),
+            ("y-forwarded-for", Name::Other),
+            ("X-FORWARDED-HOST", Name::XForwarded),
         ];
         for (name, want) in cases {
             assert_eq!(Name::of(name.as_bytes()), *want, "{name}");
