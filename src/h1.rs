@@ -280,8 +280,10 @@ pub fn parse_request_head(
         _ => return Err(RequestHeadError::Malformed),
     };
     let head = buf.split_to(len).freeze();
-    let uri = Uri::from_maybe_shared(head.slice(target.0..target.1))
-        .map_err(|_| RequestHeadError::Malformed)?;
+    // The target is copied (it is short): sharing the head's bytes would keep the
+    // connection's read buffer shared while the request is handled, and the next read
+    // would then need a buffer of its own.
+    let uri = Uri::try_from(&head[target.0..target.1]).map_err(|_| RequestHeadError::Malformed)?;
     let fields = Fields::attach(head, located).ok_or(RequestHeadError::Malformed)?;
     let bare_lf =
         !crlf_layout(fields.head(), method_at, target.1, &fields) && has_bare_lf(fields.head());
