@@ -447,12 +447,18 @@ async fn request_smuggling_shapes_get_400_and_nothing_is_forwarded() {
         "content-length: 2\r\ntransfer-encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
     );
     s.write_all(second.as_bytes()).await.expect("second");
-    let (out, _) = read_all_within(&mut s, Duration::from_secs(3)).await;
+    let (out, closed) = read_all_within(&mut s, Duration::from_secs(3)).await;
     assert!(
         status_of(&out).starts_with("HTTP/1.1 400"),
         "second on keep-alive: {:?}",
         status_of(&out)
     );
+    // The bytes after an ambiguous head cannot be trusted: the answer says so and the
+    // connection ends.
+    let text = String::from_utf8_lossy(&out).to_ascii_lowercase();
+    assert!(text.contains("ambiguous_request_framing"), "{text}");
+    assert!(text.contains("\r\nconnection: close\r\n"), "{text}");
+    assert!(closed, "connection closed after the refusal");
     assert_eq!(up.count(), 1, "only the clean first request was forwarded");
     let (status, _, _) = exchange(p.port, p.responses_request("{}")).await;
     assert_eq!(status, 200, "still serving");
