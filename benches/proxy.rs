@@ -617,6 +617,27 @@ fn cpu_ticks(pid: u32) -> u64 {
         + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
 }
 
+/// Context switches (voluntary, involuntary) of all of `pid`'s threads so far.
+fn switches(pid: u32) -> (u64, u64) {
+    let mut total = (0, 0);
+    for e in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let s = std::fs::read_to_string(e.path().join("status")).unwrap_or_default();
+        let field = |name: &str| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        total.0 += field("voluntary_ctxt_switches:");
+        total.1 += field("nonvoluntary_ctxt_switches:");
+    }
+    total
+}
+
 fn status_kb(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
@@ -823,26 +844,37 @@ async fn cpu_only(n: usize) {
                 .map(|&p| cpu_split(p))
                 .fold((0, 0), |(u, s), (du, ds)| (u + du, s + ds))
         };
+        let all_switches = || {
+            pids.iter()
+                .map(|&p| switches(p))
+                .fold((0, 0), |(v, i), (dv, di)| (v + dv, i + di))
+        };
         let before = split();
+        let sw0 = all_switches();
         let t0 = Instant::now();
         let per_10k = cpu_per_10k(&target, n, &fails).await;
         let after = split();
+        let sw1 = all_switches();
         println!(
-            "nginx: {} requests in {:?}: CPU {per_10k:.1} ms per 10k (user {} ms, system {} ms)",
+            "nginx: {} requests in {:?}: CPU {per_10k:.1} ms per 10k (user {} ms, system {} ms); context switches per request {:.2} voluntary, {:.2} involuntary",
             n / 16 * 16,
             t0.elapsed(),
             (after.0 - before.0) * 10,
-            (after.1 - before.1) * 10
+            (after.1 - before.1) * 10,
+            (sw1.0 - sw0.0) as f64 / n as f64,
+            (sw1.1 - sw0.1) as f64 / n as f64,
         );
     }
     let pid = t.pid.unwrap_or(0);
     println!("proxy pid {pid}");
     let t0 = Instant::now();
+    let sw0 = switches(pid);
     let per_10k = cpu_per_10k(&t, n, &fails).await;
+    let sw1 = switches(pid);
     let (user, sys) = cpu_split(pid);
     let own = cpu_split(std::process::id());
     println!(
-        "{} requests in {:?}: proxy CPU {:.1} ms per 10k (process totals: user {} ms, system {} ms); bench process (client + upstream) user {} ms, system {} ms; failures {}",
+        "{} requests in {:?}: proxy CPU {:.1} ms per 10k (process totals: user {} ms, system {} ms); bench process (client + upstream) user {} ms, system {} ms; proxy context switches per request {:.2} voluntary, {:.2} involuntary; failures {}",
         n / 16 * 16,
         t0.elapsed(),
         per_10k,
@@ -850,6 +882,8 @@ async fn cpu_only(n: usize) {
         sys * 10,
         own.0 * 10,
         own.1 * 10,
+        (sw1.0 - sw0.0) as f64 / n as f64,
+        (sw1.1 - sw0.1) as f64 / n as f64,
         fails.0.load(Ordering::Relaxed)
     );
 }

@@ -4,6 +4,7 @@
 //! Knows nothing about sockets or connections: `server.rs` hands it a request and sends
 //! back whatever it returns.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -240,7 +241,10 @@ impl Proxy {
             Arc::clone(&state),
             request_dump,
         );
+        // Pinned here and lent to `await_head`: moving the request's (large) future into
+        // it would store the future twice and copy it for every request.
         let up = upstream.request(head.fields, self.key.header_value(), body);
+        tokio::pin!(up);
         let result = self.await_head(up, &state).await;
         record.bytes_in = state.bytes_in();
         let resp = match result {
@@ -279,14 +283,13 @@ impl Proxy {
     /// client's request body makes progress, so a slow large upload is not cut.
     async fn await_head(
         &self,
-        fut: impl Future<Output = Result<UpstreamResponse, upstream::UpstreamError>>,
+        mut fut: Pin<&mut impl Future<Output = Result<UpstreamResponse, upstream::UpstreamError>>>,
         state: &ExchangeState,
     ) -> Result<UpstreamResponse, ProxyError> {
-        tokio::pin!(fut);
         loop {
             let deadline = state.last_activity() + self.upstream_idle_timeout;
             tokio::select! {
-                result = &mut fut => {
+                result = fut.as_mut() => {
                     return result.map_err(|e| {
                         // A failing request body is the client's doing, not the upstream's.
                         match state.fault() {
