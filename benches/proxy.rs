@@ -605,16 +605,27 @@ fn cpu_split(pid: u32) -> (u64, u64) {
     )
 }
 
-fn cpu_ticks(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let f: Vec<&str> = s
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+/// What `pids` have used so far: user and system clock ticks, voluntary and involuntary
+/// context switches (all threads).
+#[derive(Clone, Copy, Default)]
+struct Usage {
+    user: u64,
+    sys: u64,
+    voluntary: u64,
+    involuntary: u64,
+}
+
+fn usage(pids: &[u32]) -> Usage {
+    pids.iter().fold(Usage::default(), |u, &p| {
+        let (user, sys) = cpu_split(p);
+        let (voluntary, involuntary) = switches(p);
+        Usage {
+            user: u.user + user,
+            sys: u.sys + sys,
+            voluntary: u.voluntary + voluntary,
+            involuntary: u.involuntary + involuntary,
+        }
+    })
 }
 
 /// Context switches (voluntary, involuntary) of all of `pid`'s threads so far.
@@ -717,10 +728,21 @@ fn main() {
     }
 }
 
+/// One CPU measurement: milliseconds per 10,000 requests (total, user, system) and
+/// context switches per request (sleeps, preemptions).
+#[derive(Clone, Copy)]
+struct CpuRow {
+    ms: f64,
+    user_ms: f64,
+    sys_ms: f64,
+    sleeps: f64,
+    preempted: f64,
+}
+
 /// CPU time of `t`'s processes per 10,000 small POSTs, over `n` requests on 16 connections.
-async fn cpu_per_10k(t: &Target, n: usize, fails: &Arc<Failures>) -> f64 {
+async fn cpu_per_10k(t: &Target, n: usize, fails: &Arc<Failures>) -> CpuRow {
     let pids = pids_of(t);
-    let before: u64 = pids.iter().map(|&p| cpu_ticks(p)).sum();
+    let before = usage(&pids);
     let body = Bytes::from(vec![b'x'; SMALL]);
     let per = n / 16;
     let mut tasks = Vec::new();
@@ -736,8 +758,27 @@ async fn cpu_per_10k(t: &Target, n: usize, fails: &Arc<Failures>) -> f64 {
     for task in tasks {
         task.await.expect("task");
     }
-    let ticks: u64 = pids.iter().map(|&p| cpu_ticks(p)).sum::<u64>() - before;
-    ticks as f64 * 10.0 * 10_000.0 / (per * 16) as f64
+    let after = usage(&pids);
+    let done = (per * 16).max(1) as f64;
+    // Clock ticks are 10 ms.
+    let per_10k = |ticks: u64| ticks as f64 * 10.0 * 10_000.0 / done;
+    CpuRow {
+        ms: per_10k(after.user + after.sys - before.user - before.sys),
+        user_ms: per_10k(after.user - before.user),
+        sys_ms: per_10k(after.sys - before.sys),
+        sleeps: (after.voluntary - before.voluntary) as f64 / done,
+        preempted: (after.involuntary - before.involuntary) as f64 / done,
+    }
+}
+
+impl std::fmt::Display for CpuRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "CPU {:.1} ms per 10k (user {:.1}, system {:.1}); context switches per request {:.2} voluntary, {:.2} involuntary",
+            self.ms, self.user_ms, self.sys_ms, self.sleeps, self.preempted
+        )
+    }
 }
 
 /// The fake upstream itself, over plain HTTP, with the key a client would send.
@@ -834,56 +875,29 @@ async fn cpu_only(n: usize) {
     let up = start_upstream().await;
     let fails = Arc::new(Failures::default());
     let (_p, t, _) = start_proxy(&format!("http://{}/v1/responses", up.addr), None);
-    // For comparison, nginx's split over the same load first (when it is installed).
+    // For comparison, nginx over the same load first (when it is installed).
     if std::env::var_os("BENCH_CPU_NGINX").is_some()
         && let Some((_nginx, target)) = start_nginx(up.addr)
     {
-        let pids = pids_of(&target);
-        let split = || {
-            pids.iter()
-                .map(|&p| cpu_split(p))
-                .fold((0, 0), |(u, s), (du, ds)| (u + du, s + ds))
-        };
-        let all_switches = || {
-            pids.iter()
-                .map(|&p| switches(p))
-                .fold((0, 0), |(v, i), (dv, di)| (v + dv, i + di))
-        };
-        let before = split();
-        let sw0 = all_switches();
         let t0 = Instant::now();
-        let per_10k = cpu_per_10k(&target, n, &fails).await;
-        let after = split();
-        let sw1 = all_switches();
+        let row = cpu_per_10k(&target, n, &fails).await;
         println!(
-            "nginx: {} requests in {:?}: CPU {per_10k:.1} ms per 10k (user {} ms, system {} ms); context switches per request {:.2} voluntary, {:.2} involuntary",
+            "nginx: {} requests in {:?}: {row}",
             n / 16 * 16,
-            t0.elapsed(),
-            (after.0 - before.0) * 10,
-            (after.1 - before.1) * 10,
-            (sw1.0 - sw0.0) as f64 / n as f64,
-            (sw1.1 - sw0.1) as f64 / n as f64,
+            t0.elapsed()
         );
     }
     let pid = t.pid.unwrap_or(0);
     println!("proxy pid {pid}");
     let t0 = Instant::now();
-    let sw0 = switches(pid);
-    let per_10k = cpu_per_10k(&t, n, &fails).await;
-    let sw1 = switches(pid);
-    let (user, sys) = cpu_split(pid);
+    let row = cpu_per_10k(&t, n, &fails).await;
     let own = cpu_split(std::process::id());
     println!(
-        "{} requests in {:?}: proxy CPU {:.1} ms per 10k (process totals: user {} ms, system {} ms); bench process (client + upstream) user {} ms, system {} ms; proxy context switches per request {:.2} voluntary, {:.2} involuntary; failures {}",
+        "proxy: {} requests in {:?}: {row}; bench process (client + upstream) so far: user {} ms, system {} ms; failures {}",
         n / 16 * 16,
         t0.elapsed(),
-        per_10k,
-        user * 10,
-        sys * 10,
         own.0 * 10,
         own.1 * 10,
-        (sw1.0 - sw0.0) as f64 / n as f64,
-        (sw1.1 - sw0.1) as f64 / n as f64,
         fails.0.load(Ordering::Relaxed)
     );
 }
@@ -1059,17 +1073,40 @@ async fn run(quick: bool, out_path: &str) {
         .filter(|t| t.pid.is_some())
         .cloned()
         .collect();
-    let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); measured.len()];
+    let mut cpu: Vec<Vec<CpuRow>> = vec![Vec::new(); measured.len()];
     for _ in 0..reps {
         for (i, t) in measured.iter().enumerate() {
             cpu[i].push(cpu_per_10k(t, n_cpu, &fails).await);
         }
     }
     for (i, t) in measured.iter().enumerate() {
+        let rows = &cpu[i];
+        let of = |f: fn(&CpuRow) -> f64| median(rows.iter().map(f).collect());
         rec(
             "CPU ms per 10k requests",
             &t.name,
-            median(cpu[i].clone()),
+            of(|r| r.ms),
+            None,
+            &mut results,
+        );
+        rec(
+            "CPU user ms per 10k requests",
+            &t.name,
+            of(|r| r.user_ms),
+            None,
+            &mut results,
+        );
+        rec(
+            "CPU system ms per 10k requests",
+            &t.name,
+            of(|r| r.sys_ms),
+            None,
+            &mut results,
+        );
+        rec(
+            "sleeps (voluntary switches) per request",
+            &t.name,
+            of(|r| r.sleeps),
             None,
             &mut results,
         );
