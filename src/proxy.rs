@@ -242,10 +242,13 @@ impl Proxy {
             request_dump,
         );
         // Pinned here and lent to `await_head`: moving the request's (large) future into
-        // it would store the future twice and copy it for every request.
-        let up = upstream.request(head.fields, self.key.header_value(), body);
-        tokio::pin!(up);
-        let result = self.await_head(up, &state).await;
+        // it would store the future twice and copy it for every request. Dropped at the end
+        // of the block, as soon as the wait ends (an unfinished upstream request is
+        // cancelled before the error is answered).
+        let result = {
+            let up = std::pin::pin!(upstream.request(head.fields, self.key.header_value(), body));
+            self.await_head(up, &state).await
+        };
         record.bytes_in = state.bytes_in();
         let resp = match result {
             Ok(resp) => resp,
