@@ -874,7 +874,15 @@ async fn sse_only_run() {
 async fn cpu_only(n: usize) {
     let up = start_upstream().await;
     let fails = Arc::new(Failures::default());
-    let (_p, t, _) = start_proxy(&format!("http://{}/v1/responses", up.addr), None);
+    // BENCH_CPU_HTTPS=1: the proxy's upstream is the fake upstream's HTTPS side.
+    let (_p, t, _) = if std::env::var_os("BENCH_CPU_HTTPS").is_some() {
+        start_proxy(
+            &format!("https://127.0.0.1:{}/v1/responses", up.tls_addr.port()),
+            Some(&up.ca_pem),
+        )
+    } else {
+        start_proxy(&format!("http://{}/v1/responses", up.addr), None)
+    };
     // For comparison, nginx over the same load first (when it is installed).
     if std::env::var_os("BENCH_CPU_NGINX").is_some()
         && let Some((_nginx, target)) = start_nginx(up.addr)
