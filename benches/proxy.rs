@@ -763,11 +763,12 @@ async fn cpu_per_10k(t: &Target, n: usize, fails: &Arc<Failures>) -> CpuRow {
     // Clock ticks are 10 ms.
     let per_10k = |ticks: u64| ticks as f64 * 10.0 * 10_000.0 / done;
     CpuRow {
-        ms: per_10k(after.user + after.sys - before.user - before.sys),
-        user_ms: per_10k(after.user - before.user),
-        sys_ms: per_10k(after.sys - before.sys),
-        sleeps: (after.voluntary - before.voluntary) as f64 / done,
-        preempted: (after.involuntary - before.involuntary) as f64 / done,
+        // Saturating: a process that went away mid-run lowers the sums (never a panic).
+        ms: per_10k((after.user + after.sys).saturating_sub(before.user + before.sys)),
+        user_ms: per_10k(after.user.saturating_sub(before.user)),
+        sys_ms: per_10k(after.sys.saturating_sub(before.sys)),
+        sleeps: after.voluntary.saturating_sub(before.voluntary) as f64 / done,
+        preempted: after.involuntary.saturating_sub(before.involuntary) as f64 / done,
     }
 }
 

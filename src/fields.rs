@@ -1,5 +1,6 @@
-//! A request's header fields as the client sent them: the head's bytes and where each
-//! field lies in them, each name recognised once, when the head is parsed.
+//! A head's header fields as the peer sent them (the client's request, the upstream's
+//! response): the head's bytes and where each field lies in them, each name recognised
+//! once, when the head is parsed.
 //!
 //! The gate, the connection's framing and the rewriting towards the upstream all look
 //! fields up by a handful of names. A general header map hashes every name on the way in
@@ -110,7 +111,7 @@ struct Field {
     kind: Name,
 }
 
-/// The header fields of one request head, in the order sent. Names and values are valid
+/// The header fields of one head (a request's or a response's), in the order sent. Names and values are valid
 /// HTTP field names and values (the parser checked them; [`Fields::to_header_map`] keeps
 /// every one of them, which the `request` fuzz target asserts).
 #[derive(Clone, Default)]

@@ -305,6 +305,39 @@ async fn upstream_silent_is_504_after_idle_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_the_upstream_never_answers_is_cancelled_with_its_connection() {
+    // Reads the request, never answers, and reports when the proxy closes the connection.
+    let closed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = Arc::clone(&closed);
+    let (addr, _task) = raw_upstream(move |mut s| {
+        let seen = Arc::clone(&seen);
+        async move {
+            use tokio::io::AsyncReadExt;
+            let mut buf = [0u8; 4096];
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    })
+    .await;
+    let url = format!("http://127.0.0.1:{}/v1/responses", addr.port());
+    let p = start_proxy(&["--upstream-url", &url, "--upstream-idle-timeout", "300ms"]);
+    let (status, _, body) = exchange(p.port, p.responses_request("{}")).await;
+    assert_eq!(status, 504);
+    assert_eq!(error_code(&body), "upstream_timeout");
+    // The unanswered request is dropped with the wait: its connection is closed, not
+    // kept open or put back in the pool.
+    poll_until_async(Duration::from_secs(2), "upstream connection closed", || {
+        (closed.load(std::sync::atomic::Ordering::SeqCst) == 1).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_handshake_that_never_finishes_is_a_connect_timeout() {
     // Accepts TCP, never speaks TLS.
     let (addr, _task) = raw_upstream(|s| async move {
