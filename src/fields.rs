@@ -322,10 +322,12 @@ pub fn is_visible_ascii(s: &[u8]) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn fields(pairs: &[(&str, &str)]) -> Fields {
+    /// A header map of these (valid) names and values, in order; for the unit tests here
+    /// and in `headers`.
+    pub(crate) fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (n, v) in pairs {
             h.append(
@@ -333,7 +335,11 @@ mod tests {
                 HeaderValue::from_str(v).expect("value"),
             );
         }
-        Fields::from_header_map(&h)
+        h
+    }
+
+    fn fields(pairs: &[(&str, &str)]) -> Fields {
+        Fields::from_header_map(&map(pairs))
     }
 
     #[test]

@@ -98,18 +98,7 @@ pub fn to_client(mut fields: Fields) -> Fields {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderName;
-
-    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (n, v) in pairs {
-            h.append(
-                HeaderName::from_bytes(n.as_bytes()).expect("name"),
-                HeaderValue::from_str(v).expect("value"),
-            );
-        }
-        h
-    }
+    use crate::fields::tests::map;
 
     fn names(h: &HeaderMap) -> Vec<String> {
         let mut v: Vec<String> = h.keys().map(|k| k.as_str().to_string()).collect();
