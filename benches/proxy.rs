@@ -148,6 +148,11 @@ async fn start_upstream() -> Upstream {
     let ca_key = rcgen::KeyPair::generate().expect("key");
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("p");
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    // Distinct names for the CA and the leaf: OpenSSL (nginx) takes a leaf whose issuer
+    // equals its subject for self-signed.
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "bench upstream CA");
     let ca = ca_params.self_signed(&ca_key).expect("ca");
     let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
     let leaf_key = rcgen::KeyPair::generate().expect("key");
@@ -241,6 +246,9 @@ impl Drop for ProxyProc {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Ok(log) = std::fs::read_to_string(self._dir.path().join("error.log")) {
+            eprintln!("NGINXLOG {}", &log[..log.len().min(3000)]);
+        }
     }
 }
 
@@ -330,11 +338,17 @@ impl Drop for Nginx {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Ok(log) = std::fs::read_to_string(self._dir.path().join("error.log")) {
+            eprintln!("NGINXLOG {}", &log[..log.len().min(3000)]);
+        }
     }
 }
 
-/// nginx as a reverse proxy the way users would set it up, when it is installed.
-fn start_nginx(up: SocketAddr) -> Option<(Nginx, Target)> {
+/// nginx as a reverse proxy the way users would set it up, when it is installed. With
+/// `tls_ca` (the fake upstream's CA, PEM), it proxies to `up` over HTTPS: certificate and
+/// name verified, upstream connections kept alive, TLS sessions reused (nginx speaks
+/// HTTP/1.1 to upstreams).
+fn start_nginx(up: SocketAddr, tls_ca: Option<&str>) -> Option<(Nginx, Target)> {
     let bin = ["/usr/sbin/nginx", "/usr/bin/nginx"]
         .into_iter()
         .find(|p| std::path::Path::new(p).exists())?;
@@ -356,6 +370,19 @@ fn start_nginx(up: SocketAddr) -> Option<(Nginx, Target)> {
             .ok()?;
         writeln!(f, "proxy_set_header Authorization \"Bearer {KEY}\";").ok()?;
     }
+    let (scheme, tls) = match tls_ca {
+        Some(pem) => {
+            let ca = dir.path().join("upstream-ca.pem");
+            std::fs::write(&ca, pem).ok()?;
+            let tls = format!(
+                "proxy_ssl_verify on; proxy_ssl_trusted_certificate {}; proxy_ssl_server_name on;\n\
+                 proxy_ssl_name localhost; proxy_ssl_session_reuse on;",
+                ca.display()
+            );
+            ("https", tls)
+        }
+        None => ("http", String::new()),
+    };
     let conf = format!(
         "user root root; worker_processes 2; daemon off; pid {d}/nginx.pid; error_log {d}/error.log warn;\n\
          events {{ worker_connections 8192; }}\n\
@@ -363,7 +390,8 @@ fn start_nginx(up: SocketAddr) -> Option<(Nginx, Target)> {
            fastcgi_temp_path {d}/f; uwsgi_temp_path {d}/u; scgi_temp_path {d}/s; client_max_body_size 64m;\n\
            keepalive_requests 10000000; upstream up {{ server {up}; keepalive 128; keepalive_requests 10000000; }}\n\
            server {{ listen 127.0.0.1:{port}; location = /v1/responses {{\n\
-             proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\";\n\
+             proxy_pass {scheme}://up; proxy_http_version 1.1; proxy_set_header Connection \"\";\n\
+             {tls}\n\
              include {auth}; proxy_buffering off; proxy_request_buffering off; }} }} }}\n",
         auth = auth.display()
     );
@@ -876,7 +904,8 @@ async fn cpu_only(n: usize) {
     let up = start_upstream().await;
     let fails = Arc::new(Failures::default());
     // BENCH_CPU_HTTPS=1: the proxy's upstream is the fake upstream's HTTPS side.
-    let (_p, t, _) = if std::env::var_os("BENCH_CPU_HTTPS").is_some() {
+    let https = std::env::var_os("BENCH_CPU_HTTPS").is_some();
+    let (_p, t, _) = if https {
         start_proxy(
             &format!("https://127.0.0.1:{}/v1/responses", up.tls_addr.port()),
             Some(&up.ca_pem),
@@ -886,7 +915,11 @@ async fn cpu_only(n: usize) {
     };
     // For comparison, nginx over the same load first (when it is installed).
     if std::env::var_os("BENCH_CPU_NGINX").is_some()
-        && let Some((_nginx, target)) = start_nginx(up.addr)
+        && let Some((_nginx, target)) = if https {
+            start_nginx(up.tls_addr, Some(&up.ca_pem))
+        } else {
+            start_nginx(up.addr, None)
+        }
     {
         let t0 = Instant::now();
         let row = cpu_per_10k(&target, n, &fails).await;
@@ -909,6 +942,9 @@ async fn cpu_only(n: usize) {
         own.1 * 10,
         fails.0.load(Ordering::Relaxed)
     );
+    for f in fails.1.lock().expect("lock").iter() {
+        println!("  failure: {f}");
+    }
 }
 
 async fn run(quick: bool, out_path: &str) {
@@ -948,10 +984,15 @@ async fn run(quick: bool, out_path: &str) {
         port: up.tls_addr.port(),
         ..direct.clone()
     };
-    let nginx = start_nginx(up.addr);
+    let nginx = start_nginx(up.addr, None);
     let mut targets = vec![direct.clone(), proxy_t.clone()];
     if let Some((_, t)) = &nginx {
         targets.push(t.clone());
+    }
+    let nginx_tls = start_nginx(up.tls_addr, Some(&up.ca_pem));
+    let mut tls_targets = vec![direct_tls.clone(), proxy_tls_t.clone()];
+    if let Some((_, t)) = &nginx_tls {
+        tls_targets.push(t.clone());
     }
 
     let mut results = serde_json::Map::new();
@@ -971,10 +1012,7 @@ async fn run(quick: bool, out_path: &str) {
     };
 
     // 1. Small POSTs: throughput at c = 1, 16, 64; latency at c = 1.
-    for (label, set) in [
-        ("http", targets.clone()),
-        ("https", vec![direct_tls.clone(), proxy_tls_t.clone()]),
-    ] {
+    for (label, set) in [("http", targets.clone()), ("https", tls_targets.clone())] {
         let concs: &[usize] = if label == "http" {
             &[1, 16, 64]
         } else {
@@ -1193,6 +1231,7 @@ async fn run(quick: bool, out_path: &str) {
     .expect("write json");
     println!("results: {out_path}");
     drop(nginx);
+    drop(nginx_tls);
     assert_eq!(failed, 0, "requests failed or were not 2xx");
     assert_eq!(
         without, 0,

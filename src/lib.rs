@@ -133,6 +133,7 @@ pub fn prepare(config: Config, key: ApiKey) -> Result<Prepared, RunError> {
     let upstream = Upstream::new(
         &config.upstream,
         config.upstream_ca.as_deref(),
+        config.upstream_http2,
         config.upstream_connect_timeout,
         config.upstream_pool_idle_timeout,
     )

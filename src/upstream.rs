@@ -1,6 +1,8 @@
-//! The client side: one pooled hyper client to the one upstream origin, over rustls with
-//! the bundled web PKI roots (plus `--upstream-ca`), ALPN h2 and http/1.1, a connect timeout
-//! that covers the TLS handshake, no redirects and no ambient `HTTP(S)_PROXY`.
+//! The client side, for the one upstream origin: the lean HTTP/1.1 path of
+//! `upstream_h1.rs` (plain http to a loopback host, or over TLS: the default for https), or
+//! with `--upstream-http2` one pooled hyper client speaking HTTP/2. Both use rustls with the
+//! bundled web PKI roots (plus `--upstream-ca`), a connect timeout that covers the TLS
+//! handshake, no redirects and no ambient `HTTP(S)_PROXY`.
 //!
 //! It knows nothing about clients: it is handed a finished request and returns the
 //! upstream's response or a classified error.
@@ -20,14 +22,14 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::RootCertStore;
-use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
 
 use crate::body::UpstreamRequestBody;
 use crate::config::UpstreamTarget;
 use crate::fields::Fields;
 use crate::headers;
-use crate::upstream_h1::{H1Body, H1Failure, H1Pool};
+use crate::upstream_h1::{H1Body, H1Failure, H1Pool, H1Tls};
 
 /// Why the upstream client could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +45,9 @@ pub enum UpstreamSetupError {
     /// The TLS configuration was refused by rustls.
     #[error("cannot set up TLS for the upstream: {0}")]
     Tls(rustls::Error),
+    /// The host cannot be a TLS server name.
+    #[error("--upstream-url host `{0}` is not a valid TLS server name")]
+    Name(String),
 }
 
 /// The connect timeout elapsed (TCP connect plus TLS handshake).
@@ -99,10 +104,10 @@ pub type Connector = TimeoutConnector<HttpsConnector<HttpConnector>>;
 /// How requests reach the upstream.
 #[derive(Clone)]
 enum Transport {
-    /// https: the general pooled client (HTTP/2 or HTTP/1.1 over TLS).
+    /// `--upstream-http2`: the general pooled client (HTTP/2 over TLS).
     Pooled(Box<Pooled>),
-    /// Plain http to a loopback upstream: the lean HTTP/1.1 path.
-    Plain(Arc<H1Pool>),
+    /// The lean HTTP/1.1 path, plain or over TLS.
+    H1(Arc<H1Pool>),
 }
 
 /// The general client and the connector it was built with.
@@ -127,9 +132,9 @@ pub enum UpstreamError {
     /// From the general pooled client.
     #[error(transparent)]
     Pooled(#[from] hyper_util::client::legacy::Error),
-    /// From the plain HTTP/1.1 path.
+    /// From the lean HTTP/1.1 path.
     #[error(transparent)]
-    Plain(#[from] H1Failure),
+    H1(#[from] H1Failure),
 }
 
 /// The upstream's answer: its status, its header fields as sent, its body streaming.
@@ -146,8 +151,8 @@ pub struct UpstreamResponse {
 pub enum UpstreamBody {
     /// From the general pooled client.
     Pooled(hyper::body::Incoming),
-    /// From the plain HTTP/1.1 path.
-    Plain(H1Body),
+    /// From the lean HTTP/1.1 path.
+    H1(H1Body),
 }
 
 impl http_body::Body for UpstreamBody {
@@ -160,21 +165,21 @@ impl http_body::Body for UpstreamBody {
     ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, BoxError>>> {
         match self.get_mut() {
             UpstreamBody::Pooled(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
-            UpstreamBody::Plain(b) => Pin::new(b).poll_frame(cx),
+            UpstreamBody::H1(b) => Pin::new(b).poll_frame(cx),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             UpstreamBody::Pooled(b) => b.is_end_stream(),
-            UpstreamBody::Plain(b) => b.is_end_stream(),
+            UpstreamBody::H1(b) => b.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
         match self {
             UpstreamBody::Pooled(b) => b.size_hint(),
-            UpstreamBody::Plain(b) => b.size_hint(),
+            UpstreamBody::H1(b) => b.size_hint(),
         }
     }
 }
@@ -219,6 +224,7 @@ impl Upstream {
     pub fn new(
         target: &UpstreamTarget,
         ca: Option<&Path>,
+        http2: bool,
         connect_timeout: Duration,
         pool_idle_timeout: Duration,
     ) -> Result<Self, UpstreamSetupError> {
@@ -228,36 +234,53 @@ impl Upstream {
             .map_err(UpstreamSetupError::Tls)?
             .with_root_certificates(load_roots(ca)?)
             .with_no_client_auth();
+        if !(target.tls && http2) {
+            let h1_tls = if target.tls {
+                let mut tls = tls;
+                tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+                let host = target
+                    .uri
+                    .host()
+                    .unwrap_or("")
+                    .trim_start_matches('[')
+                    .trim_end_matches(']');
+                let name = ServerName::try_from(host.to_string())
+                    .map_err(|_| UpstreamSetupError::Name(host.to_string()))?;
+                Some(H1Tls::new(Arc::new(tls), name))
+            } else {
+                None
+            };
+            return Ok(Self {
+                transport: Transport::H1(Arc::new(H1Pool::new(
+                    &target.uri,
+                    h1_tls,
+                    connect_timeout,
+                    pool_idle_timeout,
+                ))),
+                connect_timeout,
+                pool_idle_timeout,
+                uri: target.uri.clone(),
+            });
+        }
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(connect_timeout));
-        let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls);
-        // Config validation allows plain http only for loopback hosts.
-        let builder = if target.tls {
-            builder.https_only()
-        } else {
-            builder.https_or_http()
-        };
-        let https = builder.enable_all_versions().wrap_connector(http);
+        // ALPN offers h2 first and http/1.1 for an upstream without HTTP/2.
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_only()
+            .enable_all_versions()
+            .wrap_connector(http);
         let connector = TimeoutConnector {
             inner: https,
             timeout: connect_timeout,
         };
-        let transport = if target.tls {
-            Transport::Pooled(Box::new(Pooled {
+        Ok(Self {
+            transport: Transport::Pooled(Box::new(Pooled {
                 client: build_client(connector.clone(), pool_idle_timeout),
                 connector,
-            }))
-        } else {
-            Transport::Plain(Arc::new(H1Pool::new(
-                &target.uri,
-                connect_timeout,
-                pool_idle_timeout,
-            )))
-        };
-        Ok(Self {
-            transport,
+            })),
             connect_timeout,
             pool_idle_timeout,
             uri: target.uri.clone(),
@@ -272,8 +295,9 @@ impl Upstream {
                 client: build_client(p.connector.clone(), self.pool_idle_timeout),
                 connector: p.connector.clone(),
             })),
-            Transport::Plain(_) => Transport::Plain(Arc::new(H1Pool::new(
+            Transport::H1(pool) => Transport::H1(Arc::new(H1Pool::new(
                 &self.uri,
+                pool.tls().cloned(),
                 self.connect_timeout,
                 self.pool_idle_timeout,
             ))),
@@ -312,12 +336,12 @@ impl Upstream {
                     body: UpstreamBody::Pooled(body),
                 })
             }
-            Transport::Plain(pool) => {
+            Transport::H1(pool) => {
                 let (status, fields, body) = pool.send(fields, authorization, body).await?;
                 Ok(UpstreamResponse {
                     status,
                     fields,
-                    body: UpstreamBody::Plain(body),
+                    body: UpstreamBody::H1(body),
                 })
             }
         }
@@ -341,7 +365,7 @@ fn build_client(
 
 /// Classifies a client error, for the status and the log.
 pub fn classify(err: &UpstreamError) -> UpstreamFailure {
-    if let UpstreamError::Plain(H1Failure::ConnectTimeout) = err {
+    if let UpstreamError::H1(H1Failure::ConnectTimeout) = err {
         return UpstreamFailure::ConnectTimeout;
     }
     let mut source: Option<&(dyn StdError + 'static)> = Some(err);

@@ -1,16 +1,20 @@
-//! The plain-`http` (loopback) upstream path: HTTP/1.1 over a small per-worker pool of
-//! keep-alive connections, written directly on the worker's event loop.
+//! The lean upstream path: HTTP/1.1, over plain TCP (a loopback upstream) or TLS, through a
+//! small per-worker pool of keep-alive connections, written directly on the worker's event
+//! loop.
 //!
-//! Why not the general client: for a loopback upstream the proxy's own cost is the whole
-//! cost, and the general pooled client spends more per request on its pool (keyed maps,
-//! locks, a separate connection task and channels between the tasks) than on HTTP. Here a
-//! request is one buffer written to a socket the handler owns, and the response is parsed
-//! in place and streamed from that socket by the response body itself. HTTPS upstreams
-//! (HTTP/2 multiplexing, TLS session reuse) keep using the general client.
+//! Why not the general client: the proxy's own cost is the whole cost on loopback, and
+//! about half of it over TLS, and the general pooled client spends more per request on its
+//! pool (keyed maps, locks, a separate connection task and channels between the tasks) and
+//! on HTTP/2 framing and header compression than on the exchange itself. Here a request is
+//! one buffer written to a connection the handler owns, and the response is parsed in
+//! place and streamed from that connection by the response body itself. HTTP/2 to an https
+//! upstream (`--upstream-http2`) keeps using the general client.
 //!
-//! Custody: the request head, the only buffer holding the key, is freed (and so wiped by
-//! the zeroing allocator) as soon as it is written; an idle pooled connection holds no
-//! buffer at all.
+//! Custody: the request head, the only buffer of ours holding the key, is freed (and so
+//! wiped by the zeroing allocator) as soon as it is written; an idle plain connection holds
+//! no buffer at all. rustls encrypts the head into records it frees once they are sent;
+//! what a TLS connection keeps while idle (its receive buffer, which may hold the last
+//! response) goes when it is closed after `--upstream-pool-idle-timeout`.
 
 use std::future::Future;
 use std::io;
@@ -23,8 +27,11 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use http::{HeaderValue, StatusCode};
 use http_body::{Body, Frame, SizeHint};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
 
 use crate::body::{BoxError, UpstreamRequestBody};
 use crate::fields::Fields;
@@ -67,6 +74,10 @@ pub enum H1Failure {
     /// The TCP connect failed.
     #[error("cannot connect to the upstream: {0}")]
     Connect(io::Error),
+    /// The TLS handshake failed (an untrusted certificate, a name mismatch, no common
+    /// protocol version or cipher).
+    #[error("TLS handshake with the upstream failed: {0}")]
+    Tls(io::Error),
     /// Reading or writing the connection failed.
     #[error("upstream connection failed: {0}")]
     Io(io::Error),
@@ -81,17 +92,90 @@ pub enum H1Failure {
     Body(BoxError),
 }
 
+/// One connection to the upstream.
+pub(crate) enum Wire {
+    /// Plain TCP (a loopback upstream).
+    Plain(TcpStream),
+    /// TLS over TCP (boxed: the TLS state is large, and connections move in and out of
+    /// the pool).
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl Wire {
+    /// Whether an idle pooled connection can carry the next request: nothing arrived on it
+    /// since its last response, not even its end. A TLS connection may receive records
+    /// that carry no data (a session ticket); those are taken in and it stays usable.
+    fn still_idle(&mut self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        match self {
+            Wire::Plain(s) => {
+                // No readiness since the last (short) read: nothing arrived, not even a FIN.
+                if s.poll_read_ready(&mut cx).is_pending() {
+                    return true;
+                }
+                let mut probe = [0u8; 1];
+                // Closed by the upstream, or bytes nobody asked for: not reusable.
+                matches!(s.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+            Wire::Tls(t) => {
+                let (tcp, tls) = t.get_ref();
+                // Nothing new on the socket and nothing waiting inside rustls.
+                if tcp.poll_read_ready(&mut cx).is_pending() && tls.wants_read() {
+                    return true;
+                }
+                let mut probe = [0u8; 1];
+                let mut probe = ReadBuf::new(&mut probe);
+                Pin::new(&mut **t)
+                    .poll_read(&mut cx, &mut probe)
+                    .is_pending()
+            }
+        }
+    }
+}
+
+impl AsyncRead for Wire {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Wire::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Wire::Tls(t) => Pin::new(&mut **t).poll_read(cx, buf),
+        }
+    }
+}
+
+/// The TLS side of a lean pool: the connector (its configuration offers only `http/1.1`)
+/// and the name the certificate must carry.
+#[derive(Clone)]
+pub struct H1Tls {
+    connector: TlsConnector,
+    name: ServerName<'static>,
+}
+
+impl H1Tls {
+    /// TLS to `name` with `config` (shared by every worker, and so is its session cache).
+    pub fn new(config: Arc<rustls::ClientConfig>, name: ServerName<'static>) -> Self {
+        Self {
+            connector: TlsConnector::from(config),
+            name,
+        }
+    }
+}
+
 struct Idle {
-    stream: TcpStream,
+    stream: Wire,
     since: Instant,
 }
 
-/// One worker's connections to the plain upstream.
+/// One worker's connections to the upstream.
 pub struct H1Pool {
     host: String,
     port: u16,
     authority: String,
     path_and_query: String,
+    tls: Option<H1Tls>,
     connect_timeout: Duration,
     idle_timeout: Duration,
     idle: Mutex<Vec<Idle>>,
@@ -107,8 +191,14 @@ impl std::fmt::Debug for H1Pool {
 }
 
 impl H1Pool {
-    /// A pool for `uri` (http, loopback, validated by `config`).
-    pub fn new(uri: &http::Uri, connect_timeout: Duration, idle_timeout: Duration) -> Self {
+    /// A pool for `uri` (validated by `config`: https, or http to a loopback host), over
+    /// TLS when `tls` is given.
+    pub fn new(
+        uri: &http::Uri,
+        tls: Option<H1Tls>,
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+    ) -> Self {
         let authority = uri.authority().map_or("", |a| a.as_str()).to_string();
         let host = uri
             .host()
@@ -118,9 +208,12 @@ impl H1Pool {
             .to_string();
         Self {
             host,
-            port: uri.port_u16().unwrap_or(80),
+            port: uri
+                .port_u16()
+                .unwrap_or(if tls.is_some() { 443 } else { 80 }),
             authority,
             path_and_query: uri.path_and_query().map_or("/", |p| p.as_str()).to_string(),
+            tls,
             connect_timeout,
             idle_timeout,
             idle: Mutex::new(Vec::new()),
@@ -128,29 +221,23 @@ impl H1Pool {
         }
     }
 
+    /// The TLS side, for an https upstream.
+    pub fn tls(&self) -> Option<&H1Tls> {
+        self.tls.as_ref()
+    }
+
     /// A live idle connection, most recently used first; stale or closed ones are dropped.
-    fn checkout(&self) -> Option<TcpStream> {
+    fn checkout(&self) -> Option<Wire> {
         let mut idle = self.idle.lock().ok()?;
-        while let Some(c) = idle.pop() {
-            if c.since.elapsed() >= self.idle_timeout {
-                continue;
-            }
-            // No readiness since the last (short) read: nothing arrived, not even a FIN.
-            let mut cx = Context::from_waker(Waker::noop());
-            if c.stream.poll_read_ready(&mut cx).is_pending() {
+        while let Some(mut c) = idle.pop() {
+            if c.since.elapsed() < self.idle_timeout && c.stream.still_idle() {
                 return Some(c.stream);
-            }
-            let mut probe = [0u8; 1];
-            match c.stream.try_read(&mut probe) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Some(c.stream),
-                // Closed by the upstream, or bytes nobody asked for: not reusable.
-                _ => continue,
             }
         }
         None
     }
 
-    fn checkin(self: &Arc<Self>, stream: TcpStream) {
+    fn checkin(self: &Arc<Self>, stream: Wire) {
         let Ok(mut idle) = self.idle.lock() else {
             return;
         };
@@ -169,22 +256,34 @@ impl H1Pool {
         }
     }
 
-    async fn connect(&self) -> Result<TcpStream, H1Failure> {
-        let stream = tokio::time::timeout(
-            self.connect_timeout,
-            TcpStream::connect((self.host.as_str(), self.port)),
-        )
-        .await
-        .map_err(|_| H1Failure::ConnectTimeout)?
-        .map_err(|e| {
-            if e.kind() == io::ErrorKind::TimedOut {
-                H1Failure::ConnectTimeout
-            } else {
-                H1Failure::Connect(e)
+    /// A new connection, TLS handshake included, within `--upstream-connect-timeout`.
+    async fn connect(&self) -> Result<Wire, H1Failure> {
+        let connect = async {
+            let stream = TcpStream::connect((self.host.as_str(), self.port))
+                .await
+                .map_err(|e| {
+                    if e.kind() == io::ErrorKind::TimedOut {
+                        H1Failure::ConnectTimeout
+                    } else {
+                        H1Failure::Connect(e)
+                    }
+                })?;
+            let _ = stream.set_nodelay(true);
+            match &self.tls {
+                None => Ok(Wire::Plain(stream)),
+                Some(tls) => {
+                    let stream = tls
+                        .connector
+                        .connect(tls.name.clone(), stream)
+                        .await
+                        .map_err(H1Failure::Tls)?;
+                    Ok(Wire::Tls(Box::new(stream)))
+                }
             }
-        })?;
-        let _ = stream.set_nodelay(true);
-        Ok(stream)
+        };
+        tokio::time::timeout(self.connect_timeout, connect)
+            .await
+            .map_err(|_| H1Failure::ConnectTimeout)?
     }
 
     /// Sends one request and returns the response's status and fields, and its body
@@ -218,7 +317,7 @@ impl H1Pool {
             None => None,
         };
         let body_done = first.is_none();
-        let (mut data, tail): (Bytes, &[u8]) = match first {
+        let (data, tail): (Bytes, &'static [u8]) = match first {
             // An empty frame is no chunk (a zero-size chunk would end the body).
             Some(d) if d.is_empty() => (Bytes::new(), b""),
             Some(d) if chunked => {
@@ -238,38 +337,21 @@ impl H1Pool {
         };
         let mut buf = BytesMut::with_capacity(ReadSize::FIRST);
         let mut size = ReadSize(ReadSize::FIRST);
-        let (head_in, sent) = {
-            let (mut rd, mut wr) = stream.split();
-            let writer = async {
-                write_parts(&mut wr, &[&head, &data, tail])
-                    .await
-                    .map_err(H1Failure::Io)?;
-                drop(std::mem::take(&mut head));
-                drop(std::mem::take(&mut data));
-                if !body_done {
-                    write_body(&mut wr, &mut body, chunked).await?;
-                }
-                Ok::<(), H1Failure>(())
-            };
-            let reader = read_head(&mut rd, &mut buf, &mut size);
-            tokio::pin!(writer, reader);
-            let mut sent = false;
-            let mut write_error = None;
-            let head_in = loop {
-                tokio::select! {
-                    biased;
-                    r = &mut reader => break r,
-                    w = &mut writer, if !sent && write_error.is_none() => match w {
-                        Ok(()) => sent = true,
-                        Err(e @ H1Failure::Body(_)) => return Err(e),
-                        // The upstream may have answered and closed: read what it sent.
-                        Err(e) => write_error = Some(e),
-                    },
-                }
-            };
-            match (head_in, write_error) {
-                (Err(_), Some(w)) => return Err(w),
-                (r, _) => (r?, sent),
+        let request = Outgoing {
+            head,
+            data,
+            tail,
+            rest: (!body_done).then_some(body),
+            chunked,
+        };
+        let (head_in, sent) = match &mut stream {
+            Wire::Plain(s) => {
+                let (rd, wr) = s.split();
+                exchange(rd, wr, request, &mut buf, &mut size).await?
+            }
+            Wire::Tls(t) => {
+                let (rd, wr) = tokio::io::split(&mut **t);
+                exchange(rd, wr, request, &mut buf, &mut size).await?
             }
         };
         let framing = h1::response_framing(&head_in)?;
@@ -296,6 +378,71 @@ impl H1Pool {
     }
 }
 
+/// A request on its way out: the head and the first body frame (written together), and the
+/// rest of the body when there is more.
+struct Outgoing {
+    head: Vec<u8>,
+    data: Bytes,
+    tail: &'static [u8],
+    rest: Option<UpstreamRequestBody>,
+    chunked: bool,
+}
+
+/// Writes `request` and reads the response head, at once: an upstream may answer (and
+/// close) before it has read the whole body. Returns the head and whether the whole request
+/// went out.
+async fn exchange<R, W>(
+    mut rd: R,
+    mut wr: W,
+    request: Outgoing,
+    buf: &mut BytesMut,
+    size: &mut ReadSize,
+) -> Result<(h1::ResponseHead, bool), H1Failure>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let Outgoing {
+        mut head,
+        mut data,
+        tail,
+        rest,
+        chunked,
+    } = request;
+    let writer = async {
+        write_parts(&mut wr, &[&head, &data, tail])
+            .await
+            .map_err(H1Failure::Io)?;
+        drop(std::mem::take(&mut head));
+        drop(std::mem::take(&mut data));
+        if let Some(mut body) = rest {
+            write_body(&mut wr, &mut body, chunked).await?;
+        }
+        // TLS may hold the last records back; TCP has nothing to flush.
+        wr.flush().await.map_err(H1Failure::Io)
+    };
+    let reader = read_head(&mut rd, buf, size);
+    tokio::pin!(writer, reader);
+    let mut sent = false;
+    let mut write_error = None;
+    let head_in = loop {
+        tokio::select! {
+            biased;
+            r = &mut reader => break r,
+            w = &mut writer, if !sent && write_error.is_none() => match w {
+                Ok(()) => sent = true,
+                Err(e @ H1Failure::Body(_)) => return Err(e),
+                // The upstream may have answered and closed: read what it sent.
+                Err(e) => write_error = Some(e),
+            },
+        }
+    };
+    match (head_in, write_error) {
+        (Err(_), Some(w)) => Err(w),
+        (r, _) => Ok((r?, sent)),
+    }
+}
+
 /// Closes idle connections once they have been idle for the pool's idle timeout; runs while
 /// there are idle connections.
 async fn reap(pool: Weak<H1Pool>) {
@@ -315,10 +462,7 @@ async fn reap(pool: Weak<H1Pool>) {
 }
 
 /// Writes all of `parts`, in order, with as few (vectored) writes as the socket allows.
-async fn write_parts(
-    wr: &mut tokio::net::tcp::WriteHalf<'_>,
-    parts: &[&[u8]; 3],
-) -> io::Result<()> {
+async fn write_parts(wr: &mut (impl AsyncWrite + Unpin), parts: &[&[u8]; 3]) -> io::Result<()> {
     let total: usize = parts.iter().map(|p| p.len()).sum();
     let mut done = 0;
     while done < total {
@@ -343,7 +487,7 @@ async fn write_parts(
 }
 
 async fn write_body(
-    wr: &mut tokio::net::tcp::WriteHalf<'_>,
+    wr: &mut (impl AsyncWrite + Unpin),
     body: &mut UpstreamRequestBody,
     chunked: bool,
 ) -> Result<(), H1Failure> {
@@ -384,7 +528,7 @@ const MAX_INTERIM: usize = 16;
 
 /// Reads until a final response head is complete; interim (1xx) heads are skipped.
 async fn read_head(
-    rd: &mut tokio::net::tcp::ReadHalf<'_>,
+    rd: &mut (impl AsyncRead + Unpin),
     buf: &mut BytesMut,
     size: &mut ReadSize,
 ) -> Result<h1::ResponseHead, H1Failure> {
@@ -425,7 +569,7 @@ enum BodyState {
 /// to its pool the moment the body is complete (and is closed if the body is dropped
 /// before that, which is how a client's disconnect cancels the upstream request).
 pub struct H1Body {
-    stream: Option<TcpStream>,
+    stream: Option<Wire>,
     buf: BytesMut,
     size: ReadSize,
     state: BodyState,
@@ -573,6 +717,73 @@ mod tests {
         drop(s);
         let got = reader.await.expect("reader");
         assert_eq!(got, parts.concat());
+    }
+
+    /// A writer that, like TLS, may hold what it accepted until it is flushed.
+    struct HoldsUntilFlushed {
+        held: Vec<u8>,
+        out: tokio::sync::watch::Sender<Vec<u8>>,
+    }
+
+    impl AsyncWrite for HoldsUntilFlushed {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.held.extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            let held = std::mem::take(&mut self.held);
+            self.out.send_modify(|out| out.extend_from_slice(&held));
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            self.poll_flush(cx)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_is_flushed_before_the_answer_is_awaited() {
+        let head = b"POST /v1/responses HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n";
+        let (out, mut sent) = tokio::sync::watch::channel(Vec::new());
+        let writer = HoldsUntilFlushed {
+            held: Vec::new(),
+            out,
+        };
+        let (reader, mut upstream) = tokio::io::duplex(1024);
+        let request = Outgoing {
+            head: head.to_vec(),
+            data: Bytes::from_static(b"{}"),
+            tail: b"",
+            rest: None,
+            chunked: false,
+        };
+        let (mut buf, mut size) = (BytesMut::new(), ReadSize(ReadSize::FIRST));
+        let answer = async {
+            // The upstream answers only once the whole request has reached it.
+            tokio::time::timeout(
+                Duration::from_secs(2),
+                sent.wait_for(|b| b.len() == head.len() + 2),
+            )
+            .await
+            .expect("the request was not flushed")
+            .expect("sender alive");
+            upstream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                .await
+                .expect("answer");
+        };
+        let (got, ()) = tokio::join!(
+            exchange(reader, writer, request, &mut buf, &mut size),
+            answer
+        );
+        let (head_in, sent_all) = got.expect("exchange");
+        assert_eq!(head_in.status, StatusCode::OK);
+        assert!(sent_all);
     }
 
     #[test]

@@ -59,6 +59,10 @@ fn bad_flags_exit_2_without_reading_the_key() {
             &["--upstream-ca", "/nonexistent/ca.pem", "--upstream-url", UP],
             "--upstream-ca",
         ),
+        (
+            &["--upstream-http2", "--upstream-url", UP],
+            "--upstream-http2 applies to https upstreams only",
+        ),
     ];
     for (args, needle) in cases {
         let (code, err) = run_to_exit(args, format!("{KEY}\n").as_bytes());

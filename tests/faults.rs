@@ -594,6 +594,7 @@ async fn many_sized_responses_over_one_h2_connection_all_succeed() {
         &up.url(),
         "--upstream-ca",
         ca.to_str().expect("utf8"),
+        "--upstream-http2",
         "--log-level",
         "warn",
     ]);
@@ -623,4 +624,6 @@ async fn many_sized_responses_over_one_h2_connection_all_succeed() {
         t.await.expect("client");
     }
     assert_eq!(up.count(), 20_000);
+    let reqs = up.requests();
+    assert!(reqs.iter().all(|r| r.version == http::Version::HTTP_2));
 }

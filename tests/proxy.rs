@@ -101,19 +101,43 @@ async fn https_upstream_with_generated_ca() {
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     let reqs = up.requests();
     assert_eq!(reqs.len(), 1);
-    assert_eq!(reqs[0].version, http::Version::HTTP_2, "ALPN negotiates h2");
+    assert_eq!(
+        reqs[0].version,
+        http::Version::HTTP_11,
+        "the lean path offers only http/1.1, although the upstream offers h2 first"
+    );
     assert_eq!(reqs[0].all("authorization"), [format!("Bearer {KEY}")]);
     // Two requests (on two client connections) share the pooled TLS connection.
     let (status, _, _) = exchange(p.port, p.responses_request("{}")).await;
     assert_eq!(status, 200);
     assert_eq!(*up.state.connections.lock().expect("lock"), 1);
 
+    // With --upstream-http2, ALPN negotiates h2 and the connection is pooled too.
+    let h2 = start_proxy(&[
+        "--upstream-url",
+        &up.url(),
+        "--upstream-ca",
+        ca.to_str().expect("utf8"),
+        "--worker-threads",
+        "1",
+        "--upstream-http2",
+    ]);
+    for _ in 0..2 {
+        let (status, _, _) = exchange(h2.port, h2.responses_request("{}")).await;
+        assert_eq!(status, 200);
+    }
+    let reqs = up.requests();
+    assert_eq!(reqs.len(), 4);
+    assert_eq!(reqs[3].version, http::Version::HTTP_2, "ALPN negotiates h2");
+    assert_eq!(reqs[3].all("authorization"), [format!("Bearer {KEY}")]);
+    assert_eq!(*up.state.connections.lock().expect("lock"), 2);
+
     // Without the CA, the certificate is untrusted: 502, nothing forwarded, log says why.
     let p2 = start_proxy(&["--upstream-url", &up.url()]);
     let (status, _, body) = exchange(p2.port, p2.responses_request("{}")).await;
     assert_eq!(status, 502);
     assert_eq!(error_code(&body), "upstream_unavailable");
-    assert_eq!(up.count(), 2);
+    assert_eq!(up.count(), 4);
     let log = poll_until(Duration::from_secs(5), "log line", || {
         let t = p2.stderr_text();
         t.contains("upstream request failed").then_some(t)

@@ -409,6 +409,37 @@ where
     (addr, task)
 }
 
+/// A connection a raw upstream speaks on: plain TCP or TLS.
+pub trait RawIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> RawIo for T {}
+
+/// A raw upstream over TCP, or over TLS with `tls` (a failed handshake is dropped): runs
+/// `f` on every connection.
+pub async fn raw_upstream_io<F, Fut>(
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    f: F,
+) -> (SocketAddr, tokio::task::JoinHandle<()>)
+where
+    F: Fn(Box<dyn RawIo>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let f = Arc::new(f);
+    raw_upstream(move |s| {
+        let (f, tls) = (Arc::clone(&f), tls.clone());
+        async move {
+            match tls {
+                None => f(Box::new(s)).await,
+                Some(acceptor) => {
+                    if let Ok(s) = acceptor.accept(s).await {
+                        f(Box::new(s)).await;
+                    }
+                }
+            }
+        }
+    })
+    .await
+}
+
 /// An address on which nothing listens.
 pub fn closed_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
