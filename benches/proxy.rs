@@ -246,9 +246,6 @@ impl Drop for ProxyProc {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
-        if let Ok(log) = std::fs::read_to_string(self._dir.path().join("error.log")) {
-            eprintln!("NGINXLOG {}", &log[..log.len().min(3000)]);
-        }
     }
 }
 
@@ -338,8 +335,12 @@ impl Drop for Nginx {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        if let Ok(log) = std::fs::read_to_string(self._dir.path().join("error.log")) {
-            eprintln!("NGINXLOG {}", &log[..log.len().min(3000)]);
+        // Its warnings explain failed requests (the run fails on any).
+        if let Ok(log) = std::fs::read_to_string(self._dir.path().join("error.log"))
+            && !log.trim().is_empty()
+        {
+            let head: Vec<&str> = log.lines().take(20).collect();
+            eprintln!("nginx error log (first lines):\n{}", head.join("\n"));
         }
     }
 }
