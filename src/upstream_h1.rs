@@ -341,7 +341,7 @@ impl H1Pool {
             head,
             data,
             tail,
-            rest: (!body_done).then_some(body),
+            rest: (!body_done).then_some(&mut body),
             chunked,
         };
         let (head_in, sent) = match &mut stream {
@@ -380,11 +380,11 @@ impl H1Pool {
 
 /// A request on its way out: the head and the first body frame (written together), and the
 /// rest of the body when there is more.
-struct Outgoing {
+struct Outgoing<'a> {
     head: Vec<u8>,
     data: Bytes,
     tail: &'static [u8],
-    rest: Option<UpstreamRequestBody>,
+    rest: Option<&'a mut UpstreamRequestBody>,
     chunked: bool,
 }
 
@@ -394,7 +394,7 @@ struct Outgoing {
 async fn exchange<R, W>(
     mut rd: R,
     mut wr: W,
-    request: Outgoing,
+    request: Outgoing<'_>,
     buf: &mut BytesMut,
     size: &mut ReadSize,
 ) -> Result<(h1::ResponseHead, bool), H1Failure>
@@ -415,8 +415,8 @@ where
             .map_err(H1Failure::Io)?;
         drop(std::mem::take(&mut head));
         drop(std::mem::take(&mut data));
-        if let Some(mut body) = rest {
-            write_body(&mut wr, &mut body, chunked).await?;
+        if let Some(body) = rest {
+            write_body(&mut wr, body, chunked).await?;
         }
         // TLS may hold the last records back; TCP has nothing to flush.
         wr.flush().await.map_err(H1Failure::Io)
