@@ -235,6 +235,11 @@ async fn over_tls_a_body_cut_without_close_notify_is_not_a_clean_end() {
     .await
     .expect("in time");
     assert!(end.is_err(), "a truncated body must not end cleanly");
+    poll_until(Duration::from_secs(5), "access line", || {
+        p.stderr_text()
+            .contains("outcome=upstream_broke")
+            .then_some(())
+    });
 }
 
 /// A request body far larger than socket and TLS buffers arrives whole (over TLS the last
