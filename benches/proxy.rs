@@ -858,10 +858,28 @@ async fn open_streams(t: &Target, n_open: usize, up: &Upstream) -> StreamsRow {
 }
 
 /// `--rss-only`: 2 s of small POSTs at c=64 through the proxy, then the 256-streams row.
+/// `BENCH_HTTPS=1`: the `--cpu-only` and `--rss-only` runs use the fake upstream's HTTPS
+/// side.
+fn over_https() -> bool {
+    std::env::var_os("BENCH_HTTPS").is_some()
+}
+
+/// The proxy, to the fake upstream's plain or HTTPS side.
+fn start_proxy_to(up: &Upstream, https: bool) -> (ProxyProc, Target, Duration) {
+    if https {
+        start_proxy(
+            &format!("https://127.0.0.1:{}/v1/responses", up.tls_addr.port()),
+            Some(&up.ca_pem),
+        )
+    } else {
+        start_proxy(&format!("http://{}/v1/responses", up.addr), None)
+    }
+}
+
 async fn rss_only_run() {
     let up = start_upstream().await;
     let fails = Arc::new(Failures::default());
-    let (_p, t, _) = start_proxy(&format!("http://{}/v1/responses", up.addr), None);
+    let (_p, t, _) = start_proxy_to(&up, over_https());
     small_load(&t, 64, Duration::from_secs(2), &fails).await;
     let m = open_streams(&t, 256, &up).await;
     println!(
@@ -904,16 +922,8 @@ async fn sse_only_run() {
 async fn cpu_only(n: usize) {
     let up = start_upstream().await;
     let fails = Arc::new(Failures::default());
-    // BENCH_CPU_HTTPS=1: the proxy's upstream is the fake upstream's HTTPS side.
-    let https = std::env::var_os("BENCH_CPU_HTTPS").is_some();
-    let (_p, t, _) = if https {
-        start_proxy(
-            &format!("https://127.0.0.1:{}/v1/responses", up.tls_addr.port()),
-            Some(&up.ca_pem),
-        )
-    } else {
-        start_proxy(&format!("http://{}/v1/responses", up.addr), None)
-    };
+    let https = over_https();
+    let (_p, t, _) = start_proxy_to(&up, https);
     // For comparison, nginx over the same load first (when it is installed).
     if std::env::var_os("BENCH_CPU_NGINX").is_some()
         && let Some((_nginx, target)) = if https {
