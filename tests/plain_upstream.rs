@@ -186,20 +186,28 @@ async fn every_response_framing_is_relayed_exactly_over(tls: bool) {
     assert!(first.ends_with("content-length: 2\r\n\r\n{}"), "{first}");
 }
 
+/// An upstream that answers one request with a 200 whose body (`body`) ends with the
+/// connection: shut down properly when `close_notify` (over TLS, the alert goes first),
+/// otherwise just dropped.
+async fn until_close(tls: bool, body: &'static str, close_notify: bool) -> Raw {
+    Raw::start(tls, move |mut s| async move {
+        let mut pending = Vec::new();
+        if read_request(&mut s, &mut pending).await.is_some() {
+            let answer = format!("HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\n{body}");
+            let _ = s.write_all(answer.as_bytes()).await;
+            let _ = s.flush().await;
+            if close_notify {
+                let _ = s.shutdown().await;
+            }
+        }
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_response_without_length_ends_with_the_connection() {
     for tls in [false, true] {
-        let up = Raw::start(tls, |mut s| async move {
-            let mut pending = Vec::new();
-            if read_request(&mut s, &mut pending).await.is_some() {
-                let _ = s
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nuntil the end")
-                    .await;
-                // Over TLS, a close_notify first: the end is the upstream's.
-                let _ = s.shutdown().await;
-            }
-        })
-        .await;
+        let up = until_close(tls, "until the end", true).await;
         let p = start_proxy(&up.args(&[]));
         let (status, _, body) = exchange(p.port, p.responses_request("{}")).await;
         assert_eq!(
@@ -214,17 +222,8 @@ async fn a_response_without_length_ends_with_the_connection() {
 /// by someone on the path: a body framed by the connection's end is then not complete.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_tls_a_body_cut_without_close_notify_is_not_a_clean_end() {
-    let up = Raw::start(true, |mut s| async move {
-        let mut pending = Vec::new();
-        if read_request(&mut s, &mut pending).await.is_some() {
-            let _ = s
-                .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\ncut here")
-                .await;
-            let _ = s.flush().await;
-            // Dropped: the TCP connection closes with no close_notify.
-        }
-    })
-    .await;
+    // Dropped: the TCP connection closes with no close_notify.
+    let up = until_close(true, "cut here", false).await;
     let p = start_proxy(&up.args(&[]));
     let resp = send(p.port, p.responses_request("{}")).await;
     assert_eq!(resp.status(), 200);

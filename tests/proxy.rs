@@ -89,14 +89,16 @@ async fn https_upstream_with_generated_ca() {
     let dir = tempfile::tempdir().expect("dir");
     let ca = write_file(dir.path(), "ca.pem", up.ca_pem.as_deref().expect("ca"));
     // One worker thread: each worker keeps its own pool, and this checks pooling.
-    let p = start_proxy(&[
+    let url = up.url();
+    let base = [
         "--upstream-url",
-        &up.url(),
+        url.as_str(),
         "--upstream-ca",
         ca.to_str().expect("utf8"),
         "--worker-threads",
         "1",
-    ]);
+    ];
+    let p = start_proxy(&base);
     let (status, _, body) = exchange(p.port, p.responses_request("{}")).await;
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     let reqs = up.requests();
@@ -113,15 +115,7 @@ async fn https_upstream_with_generated_ca() {
     assert_eq!(*up.state.connections.lock().expect("lock"), 1);
 
     // With --upstream-http2, ALPN negotiates h2 and the connection is pooled too.
-    let h2 = start_proxy(&[
-        "--upstream-url",
-        &up.url(),
-        "--upstream-ca",
-        ca.to_str().expect("utf8"),
-        "--worker-threads",
-        "1",
-        "--upstream-http2",
-    ]);
+    let h2 = start_proxy(&[&base[..], &["--upstream-http2"]].concat());
     for _ in 0..2 {
         let (status, _, _) = exchange(h2.port, h2.responses_request("{}")).await;
         assert_eq!(status, 200);
