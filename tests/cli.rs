@@ -63,6 +63,10 @@ fn bad_flags_exit_2_without_reading_the_key() {
             &["--upstream-http2", "--upstream-url", UP],
             "--upstream-http2 applies to https upstreams only",
         ),
+        (
+            &["--upstream-url", "https://a..b/v1/responses"],
+            "not a valid TLS server name",
+        ),
     ];
     for (args, needle) in cases {
         let (code, err) = run_to_exit(args, format!("{KEY}\n").as_bytes());
