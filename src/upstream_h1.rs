@@ -259,15 +259,16 @@ impl H1Pool {
     /// A new connection, TLS handshake included, within `--upstream-connect-timeout`.
     async fn connect(&self) -> Result<Wire, H1Failure> {
         let connect = async {
-            let stream = TcpStream::connect((self.host.as_str(), self.port))
+            let addrs = tokio::net::lookup_host((self.host.as_str(), self.port))
                 .await
-                .map_err(|e| {
-                    if e.kind() == io::ErrorKind::TimedOut {
-                        H1Failure::ConnectTimeout
-                    } else {
-                        H1Failure::Connect(e)
-                    }
-                })?;
+                .map_err(H1Failure::Connect)?;
+            let stream = connect_first(addrs.collect()).await.map_err(|e| {
+                if e.kind() == io::ErrorKind::TimedOut {
+                    H1Failure::ConnectTimeout
+                } else {
+                    H1Failure::Connect(e)
+                }
+            })?;
             let _ = stream.set_nodelay(true);
             match &self.tls {
                 None => Ok(Wire::Plain(stream)),
@@ -375,6 +376,74 @@ impl H1Pool {
             body.finish();
         }
         Ok((head_in.status, head_in.fields, body))
+    }
+}
+
+/// How long a connection attempt runs alone before the next address is tried alongside it
+/// (RFC 8305's "connection attempt delay").
+const NEXT_ATTEMPT_DELAY: Duration = Duration::from_millis(250);
+
+/// The order to try a host's addresses in: the resolver's, but alternating between IPv6 and
+/// IPv4 (starting with the family it put first), so that one broken family costs one
+/// attempt delay, not every address of that family.
+fn attempt_order(addrs: Vec<std::net::SocketAddr>) -> Vec<std::net::SocketAddr> {
+    let first_v6 = addrs.first().is_some_and(std::net::SocketAddr::is_ipv6);
+    let (mut first, mut other): (std::collections::VecDeque<_>, std::collections::VecDeque<_>) =
+        addrs.into_iter().partition(|a| a.is_ipv6() == first_v6);
+    let mut order = Vec::with_capacity(first.len() + other.len());
+    loop {
+        match (first.pop_front(), other.pop_front()) {
+            (None, None) => return order,
+            (a, b) => order.extend(a.into_iter().chain(b)),
+        }
+    }
+}
+
+/// A TCP connection to the first of `addrs` that accepts, in [`attempt_order`]: each
+/// attempt gets [`NEXT_ATTEMPT_DELAY`] alone, then the next starts beside it (at once when
+/// one fails), and the first to connect wins ("happy eyeballs"), so an address whose
+/// packets vanish (a broken IPv6 route) does not hold the connect until its timeout. The
+/// caller bounds the whole with `--upstream-connect-timeout`.
+async fn connect_first(addrs: Vec<std::net::SocketAddr>) -> io::Result<TcpStream> {
+    type Attempt = Pin<Box<dyn Future<Output = io::Result<TcpStream>> + Send>>;
+    let mut queue = attempt_order(addrs).into_iter();
+    let mut attempts: Vec<Attempt> = Vec::new();
+    let mut last_error = None;
+    loop {
+        if attempts.is_empty() {
+            let Some(addr) = queue.next() else {
+                return Err(last_error.unwrap_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::NotFound,
+                        "the upstream host name resolved to no address",
+                    )
+                }));
+            };
+            attempts.push(Box::pin(TcpStream::connect(addr)));
+        }
+        let more = queue.len() > 0;
+        let finished = std::future::poll_fn(|cx| {
+            for i in 0..attempts.len() {
+                if let Poll::Ready(r) = attempts[i].as_mut().poll(cx) {
+                    drop(attempts.swap_remove(i));
+                    return Poll::Ready(r);
+                }
+            }
+            Poll::Pending
+        });
+        let result = tokio::select! {
+            r = finished => Some(r),
+            () = tokio::time::sleep(NEXT_ATTEMPT_DELAY), if more => None,
+        };
+        match result {
+            Some(Ok(stream)) => return Ok(stream),
+            Some(Err(e)) => last_error = Some(e),
+            None => {
+                if let Some(addr) = queue.next() {
+                    attempts.push(Box::pin(TcpStream::connect(addr)));
+                }
+            }
+        }
     }
 }
 
@@ -717,6 +786,87 @@ mod tests {
         drop(s);
         let got = reader.await.expect("reader");
         assert_eq!(got, parts.concat());
+    }
+
+    #[test]
+    fn addresses_alternate_between_families_from_the_first_one() {
+        let a = |s: &str| s.parse::<std::net::SocketAddr>().expect("addr");
+        let (v6a, v6b, v4a, v4b) = (
+            a("[::1]:1"),
+            a("[::2]:1"),
+            a("127.0.0.1:1"),
+            a("10.0.0.1:1"),
+        );
+        assert_eq!(
+            attempt_order(vec![v6a, v6b, v4a, v4b]),
+            [v6a, v4a, v6b, v4b]
+        );
+        assert_eq!(
+            attempt_order(vec![v4a, v6a, v6b, v4b]),
+            [v4a, v6a, v4b, v6b]
+        );
+        assert_eq!(attempt_order(vec![v4a, v4b]), [v4a, v4b]);
+        assert_eq!(
+            attempt_order(vec![v6a, v6b, v6b, v4a]),
+            [v6a, v4a, v6b, v6b]
+        );
+        assert!(attempt_order(Vec::new()).is_empty());
+    }
+
+    /// A loopback address whose connects hang: a listener whose accept queue is full (the
+    /// kernel drops further SYNs). Returns it with the connections that fill it.
+    async fn address_that_hangs() -> (
+        std::net::SocketAddr,
+        Vec<TcpStream>,
+        tokio::net::TcpListener,
+    ) {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind("127.0.0.1:0".parse().expect("addr"))
+            .expect("bind");
+        let listener = socket.listen(1).expect("listen");
+        let addr = listener.local_addr().expect("addr");
+        let mut filled = Vec::new();
+        for _ in 0..16 {
+            match tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(addr)).await {
+                Ok(Ok(s)) => filled.push(s),
+                Ok(Err(e)) => panic!("connect: {e}"),
+                Err(_) => return (addr, filled, listener),
+            }
+        }
+        panic!("the accept queue never filled");
+    }
+
+    #[tokio::test]
+    async fn an_address_that_hangs_does_not_hold_up_the_next() {
+        let (hangs, _filled, _full) = address_that_hangs().await;
+        let good = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let good_addr = good.local_addr().expect("addr");
+        let stream = tokio::time::timeout(
+            Duration::from_secs(3),
+            connect_first(vec![hangs, good_addr]),
+        )
+        .await
+        .expect("the second address is tried while the first hangs")
+        .expect("connected");
+        assert_eq!(stream.peer_addr().expect("peer"), good_addr);
+        // A refused address is passed over at once, and all failing gives the last error.
+        let refused = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            l.local_addr().expect("addr")
+        };
+        let stream = connect_first(vec![refused, good_addr])
+            .await
+            .expect("connected");
+        assert_eq!(stream.peer_addr().expect("peer"), good_addr);
+        let err = connect_first(vec![refused]).await.expect_err("refused");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused);
+        assert_eq!(
+            connect_first(Vec::new()).await.expect_err("none").kind(),
+            io::ErrorKind::NotFound
+        );
     }
 
     /// A writer that, like TLS, may hold what it accepted until it is flushed.

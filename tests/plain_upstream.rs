@@ -502,6 +502,29 @@ async fn idle_connections_close_and_stale_ones_are_not_reused_over(tls: bool) {
     assert_eq!(count.load(Ordering::SeqCst), 3, "tls {tls}");
 }
 
+/// An upstream named by host name (`localhost`: resolved, tried address by address, over
+/// TLS verified against the name the certificate carries, sent as SNI).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_named_localhost_is_reached() {
+    for tls in [false, true] {
+        let up = scripted(tls, vec![b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"]).await;
+        let url = up.up.url.replace("127.0.0.1", "localhost");
+        let mut args = up.up.args(&[]);
+        args[1] = url.as_str();
+        let p = start_proxy(&args);
+        let (status, _, body) = exchange(p.port, p.responses_request("{}")).await;
+        assert_eq!(
+            (status.as_u16(), body.as_slice()),
+            (200, &b"ok"[..]),
+            "tls {tls}: {}",
+            p.stderr_text()
+        );
+        let reqs = up.requests.lock().expect("lock").clone();
+        let head = String::from_utf8_lossy(&reqs[0]).to_string();
+        assert!(head.contains("\r\nhost: localhost:"), "{head}");
+    }
+}
+
 /// A request body of two chunks, `{"` and `}"`... sent with chunked framing.
 struct TwoChunks(u8);
 
