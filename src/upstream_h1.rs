@@ -437,12 +437,15 @@ async fn connect_first(addrs: Vec<std::net::SocketAddr>) -> io::Result<TcpStream
         };
         match result {
             Some(Ok(stream)) => return Ok(stream),
+            // A failed attempt: the next one starts now (below, or at the top when none
+            // is left running).
             Some(Err(e)) => last_error = Some(e),
-            None => {
-                if let Some(addr) = queue.next() {
-                    attempts.push(Box::pin(TcpStream::connect(addr)));
-                }
-            }
+            None => {}
+        }
+        if !attempts.is_empty()
+            && let Some(addr) = queue.next()
+        {
+            attempts.push(Box::pin(TcpStream::connect(addr)));
         }
     }
 }
