@@ -250,6 +250,16 @@ impl Drop for ProxyProc {
 }
 
 fn start_proxy(upstream_url: &str, ca: Option<&str>) -> (ProxyProc, Target, Duration) {
+    start_proxy_bin(env!("CARGO_BIN_EXE_responses-api-proxy"), upstream_url, ca)
+}
+
+/// The proxy from the binary `bin` (the one this bench was built with, or another build
+/// for an A/B comparison, `BENCH_PROXY_B`).
+fn start_proxy_bin(
+    bin: &str,
+    upstream_url: &str,
+    ca: Option<&str>,
+) -> (ProxyProc, Target, Duration) {
     let dir = tempfile::tempdir().expect("dir");
     let info = dir.path().join("info.json");
     let mut args = vec![
@@ -284,10 +294,10 @@ fn start_proxy(upstream_url: &str, ca: Option<&str>) -> (ProxyProc, Target, Dura
     let mut cmd = match words.next() {
         Some(w) => {
             let mut c = Command::new(w);
-            c.args(words).arg(env!("CARGO_BIN_EXE_responses-api-proxy"));
+            c.args(words).arg(bin);
             c
         }
-        None => Command::new(env!("CARGO_BIN_EXE_responses-api-proxy")),
+        None => Command::new(bin),
     };
     let mut child = cmd
         .args(&args)
@@ -753,6 +763,7 @@ fn main() {
         Some(n) => rt.block_on(cpu_only(n)),
         None if sse_only => rt.block_on(sse_only_run()),
         None if std::env::args().any(|a| a == "--rss-only") => rt.block_on(rss_only_run()),
+        None if std::env::args().any(|a| a == "--load-only") => rt.block_on(load_only_run()),
         None => rt.block_on(run(quick, &out_path)),
     }
 }
@@ -892,6 +903,46 @@ async fn rss_only_run() {
     );
 }
 
+/// `--load-only`: the small-POST throughput rows alone (plain upstream; direct, proxy,
+/// nginx when installed, and `BENCH_PROXY_B` when set; interleaved, 5 rounds of 2 s at c = 1, 16, 64), medians and ratios.
+async fn load_only_run() {
+    let up = start_upstream().await;
+    let fails = Arc::new(Failures::default());
+    let (_p, proxy, _) = start_proxy_to(&up, false);
+    let nginx = start_nginx(up.addr, None);
+    let mut set = vec![direct_target(&up), proxy];
+    if let Some((_, t)) = &nginx {
+        set.push(t.clone());
+    }
+    // BENCH_PROXY_B=path: another build of the proxy, measured in the same rounds.
+    let _b = std::env::var("BENCH_PROXY_B").ok().map(|bin| {
+        let url = format!("http://{}/v1/responses", up.addr);
+        let (p, mut t, _) = start_proxy_bin(&bin, &url, None);
+        t.name = "proxy-b".into();
+        set.push(t);
+        p
+    });
+    for c in [1, 16, 64] {
+        let mut rps: Vec<Vec<f64>> = vec![Vec::new(); set.len()];
+        for _ in 0..5 {
+            for (i, t) in set.iter().enumerate() {
+                rps[i].push(small_load(t, c, Duration::from_secs(2), &fails).await.0);
+            }
+        }
+        let direct = median(rps[0].clone());
+        let row: Vec<String> = set
+            .iter()
+            .zip(rps)
+            .map(|(t, r)| {
+                let m = median(r);
+                format!("{} {m:.0}/s ({:.2}×)", t.name, m / direct)
+            })
+            .collect();
+        println!("c={c}: {}", row.join(", "));
+    }
+    println!("failures {}", fails.0.load(Ordering::Relaxed));
+}
+
 /// `--sse-only`: the SSE row alone (direct and proxy, 10 runs each, 20 events 5 ms apart),
 /// every run printed, for looking into time-to-first-event.
 async fn sse_only_run() {
@@ -942,17 +993,34 @@ async fn cpu_only(n: usize) {
     }
     let pid = t.pid.unwrap_or(0);
     println!("proxy pid {pid}");
-    let t0 = Instant::now();
-    let row = cpu_per_10k(&t, n, &fails).await;
-    let own = cpu_split(std::process::id());
-    println!(
-        "proxy: {} requests in {:?}: {row}; bench process (client + upstream) so far: user {} ms, system {} ms; failures {}",
-        n / 16 * 16,
-        t0.elapsed(),
-        own.0 * 10,
-        own.1 * 10,
-        fails.0.load(Ordering::Relaxed)
-    );
+    // BENCH_PROXY_B=path: another build of the proxy, measured in turn with this one, 3 rounds.
+    let b = std::env::var("BENCH_PROXY_B").ok().map(|bin| {
+        let url = if https {
+            format!("https://127.0.0.1:{}/v1/responses", up.tls_addr.port())
+        } else {
+            format!("http://{}/v1/responses", up.addr)
+        };
+        let (p, mut bt, _) = start_proxy_bin(&bin, &url, https.then_some(up.ca_pem.as_str()));
+        bt.name = "proxy-b".into();
+        (p, bt)
+    });
+    let rounds = if b.is_some() { 3 } else { 1 };
+    for _ in 0..rounds {
+        for target in std::iter::once(&t).chain(b.as_ref().map(|(_, bt)| bt)) {
+            let t0 = Instant::now();
+            let row = cpu_per_10k(target, n, &fails).await;
+            let own = cpu_split(std::process::id());
+            println!(
+                "{}: {} requests in {:?}: {row}; bench process (client + upstream) so far: user {} ms, system {} ms; failures {}",
+                target.name,
+                n / 16 * 16,
+                t0.elapsed(),
+                own.0 * 10,
+                own.1 * 10,
+                fails.0.load(Ordering::Relaxed)
+            );
+        }
+    }
     for f in fails.1.lock().expect("lock").iter() {
         println!("  failure: {f}");
     }

@@ -502,6 +502,83 @@ async fn idle_connections_close_and_stale_ones_are_not_reused_over(tls: bool) {
     assert_eq!(count.load(Ordering::SeqCst), 3, "tls {tls}");
 }
 
+/// Over TLS, a record that carries no data arriving on an idle pooled connection (here a
+/// TLS 1.3 `KeyUpdate` asking for one back, sent by the upstream once the proxy has passed
+/// on the response) is taken in at checkout, and the connection is reused: the proxy's own
+/// `KeyUpdate` goes out ahead of the next request, under the new keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_a_record_without_data_on_an_idle_connection_keeps_it() {
+    let test_tls = TestTls::new();
+    let acceptor = test_tls.acceptor();
+    let dir = tempfile::tempdir().expect("dir");
+    let ca = write_file(dir.path(), "ca.pem", &test_tls.ca_pem);
+    let connections = Arc::new(AtomicUsize::new(0));
+    // Key updates sent (and flushed), and the go-ahead for the next one.
+    let updates = Arc::new(AtomicUsize::new(0));
+    let answered = Arc::new(tokio::sync::Notify::new());
+    let (c, u, a) = (
+        Arc::clone(&connections),
+        Arc::clone(&updates),
+        Arc::clone(&answered),
+    );
+    let (addr, _task) = raw_upstream(move |s| {
+        let (acceptor, c, u, a) = (
+            acceptor.clone(),
+            Arc::clone(&c),
+            Arc::clone(&u),
+            Arc::clone(&a),
+        );
+        async move {
+            let Ok(mut s) = acceptor.accept(s).await else {
+                return;
+            };
+            c.fetch_add(1, Ordering::SeqCst);
+            let mut pending = Vec::new();
+            while read_request(&mut s, &mut pending).await.is_some() {
+                if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await
+                    .is_err()
+                    || s.flush().await.is_err()
+                {
+                    return;
+                }
+                // Once the client has the response, the proxy has read all of it: the key
+                // update then arrives on an idle connection.
+                a.notified().await;
+                if s.get_mut().1.refresh_traffic_keys().is_err() || s.flush().await.is_err() {
+                    return;
+                }
+                u.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    })
+    .await;
+    let url = format!("https://127.0.0.1:{}/v1/responses", addr.port());
+    let p = start_proxy(&[
+        "--upstream-url",
+        &url,
+        "--upstream-ca",
+        &ca.to_string_lossy(),
+        "--worker-threads",
+        "1",
+    ]);
+    for i in 1..=3 {
+        let (status, _, body) = exchange(p.port, p.responses_request("{}")).await;
+        assert_eq!(
+            (status.as_u16(), body.as_slice()),
+            (200, &b"ok"[..]),
+            "request {i}: {}",
+            p.stderr_text()
+        );
+        answered.notify_one();
+        // On loopback a flushed write is in the peer's receive queue when it returns.
+        poll_until(Duration::from_secs(5), "key update sent", || {
+            (updates.load(Ordering::SeqCst) >= i).then_some(())
+        });
+    }
+    assert_eq!(connections.load(Ordering::SeqCst), 1, "{}", p.stderr_text());
+}
+
 /// An upstream named by host name (`localhost`: resolved, tried address by address, over
 /// TLS verified against the name the certificate carries, sent as SNI).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

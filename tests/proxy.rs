@@ -126,6 +126,33 @@ async fn https_upstream_with_generated_ca() {
     assert_eq!(reqs[3].all("authorization"), [format!("Bearer {KEY}")]);
     assert_eq!(*up.state.connections.lock().expect("lock"), 2);
 
+    // An upstream without h2: with --upstream-http2, ALPN falls back to http/1.1.
+    let tls = TestTls::new().only_http1();
+    let ca1 = write_file(dir.path(), "ca1.pem", &tls.ca_pem);
+    let up1 = MockUpstream::tls_with(tls, |_| Reply::json(200, "{}")).await;
+    let url1 = up1.url();
+    let h1 = start_proxy(&[
+        "--upstream-url",
+        url1.as_str(),
+        "--upstream-ca",
+        ca1.to_str().expect("utf8"),
+        "--worker-threads",
+        "1",
+        "--upstream-http2",
+    ]);
+    for _ in 0..2 {
+        let (status, _, body) = exchange(h1.port, h1.responses_request("{}")).await;
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    }
+    let reqs = up1.requests();
+    assert_eq!(reqs.len(), 2);
+    assert!(
+        reqs.iter().all(|r| r.version == http::Version::HTTP_11),
+        "no h2 offered: HTTP/1.1"
+    );
+    assert_eq!(reqs[1].all("authorization"), [format!("Bearer {KEY}")]);
+    assert_eq!(*up1.state.connections.lock().expect("lock"), 1, "pooled");
+
     // Without the CA, the certificate is untrusted: 502, nothing forwarded, log says why.
     let p2 = start_proxy(&["--upstream-url", &up.url()]);
     let (status, _, body) = exchange(p2.port, p2.responses_request("{}")).await;

@@ -347,6 +347,8 @@ pub struct TestTls {
     pub ca_pem: String,
     cert: rustls_pki_types::CertificateDer<'static>,
     key: rustls_pki_types::PrivateKeyDer<'static>,
+    /// ALPN protocols the server offers, in its order of preference.
+    alpn: Vec<Vec<u8>>,
 }
 
 impl TestTls {
@@ -373,7 +375,14 @@ impl TestTls {
             ca_pem: ca.pem(),
             cert: leaf.der().clone(),
             key: rustls_pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+            alpn: vec![b"h2".to_vec(), b"http/1.1".to_vec()],
         }
+    }
+
+    /// The same, but the server offers only `http/1.1` (as servers without HTTP/2 do).
+    pub fn only_http1(mut self) -> Self {
+        self.alpn = vec![b"http/1.1".to_vec()];
+        self
     }
 
     pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
@@ -384,7 +393,7 @@ impl TestTls {
             .with_no_client_auth()
             .with_single_cert(vec![self.cert.clone()], self.key.clone_key())
             .expect("server config");
-        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        cfg.alpn_protocols = self.alpn.clone();
         tokio_rustls::TlsAcceptor::from(Arc::new(cfg))
     }
 }
