@@ -903,6 +903,20 @@ async fn rss_only_run() {
     );
 }
 
+/// The other proxy builds of `BENCH_PROXY_B` (comma-separated paths), named `proxy-b`,
+/// `proxy-c`, …
+fn others() -> impl Iterator<Item = (String, String)> {
+    let list = std::env::var("BENCH_PROXY_B").unwrap_or_default();
+    let bins: Vec<String> = list
+        .split(',')
+        .filter(|p| !p.is_empty())
+        .map(String::from)
+        .collect();
+    bins.into_iter()
+        .zip(b'b'..=b'z')
+        .map(|(bin, c)| (format!("proxy-{}", c as char), bin))
+}
+
 /// `--load-only`: the small-POST throughput rows alone (plain upstream; direct, proxy,
 /// nginx when installed, and `BENCH_PROXY_B` when set; interleaved, 5 rounds of 2 s at c = 1, 16, 64), medians and ratios.
 async fn load_only_run() {
@@ -914,14 +928,16 @@ async fn load_only_run() {
     if let Some((_, t)) = &nginx {
         set.push(t.clone());
     }
-    // BENCH_PROXY_B=path: another build of the proxy, measured in the same rounds.
-    let _b = std::env::var("BENCH_PROXY_B").ok().map(|bin| {
-        let url = format!("http://{}/v1/responses", up.addr);
-        let (p, mut t, _) = start_proxy_bin(&bin, &url, None);
-        t.name = "proxy-b".into();
-        set.push(t);
-        p
-    });
+    // BENCH_PROXY_B=path[,path…]: other builds of the proxy, measured in the same rounds.
+    let url = format!("http://{}/v1/responses", up.addr);
+    let _b: Vec<ProxyProc> = others()
+        .map(|(name, bin)| {
+            let (p, mut t, _) = start_proxy_bin(&bin, &url, None);
+            t.name = name;
+            set.push(t);
+            p
+        })
+        .collect();
     for c in [1, 16, 64] {
         let mut rps: Vec<Vec<f64>> = vec![Vec::new(); set.len()];
         for _ in 0..5 {
@@ -993,20 +1009,23 @@ async fn cpu_only(n: usize) {
     }
     let pid = t.pid.unwrap_or(0);
     println!("proxy pid {pid}");
-    // BENCH_PROXY_B=path: another build of the proxy, measured in turn with this one, 3 rounds.
-    let b = std::env::var("BENCH_PROXY_B").ok().map(|bin| {
-        let url = if https {
-            format!("https://127.0.0.1:{}/v1/responses", up.tls_addr.port())
-        } else {
-            format!("http://{}/v1/responses", up.addr)
-        };
-        let (p, mut bt, _) = start_proxy_bin(&bin, &url, https.then_some(up.ca_pem.as_str()));
-        bt.name = "proxy-b".into();
-        (p, bt)
-    });
-    let rounds = if b.is_some() { 3 } else { 1 };
+    // BENCH_PROXY_B=path[,path…]: other builds of the proxy, measured in turn with this
+    // one, 3 rounds.
+    let url = if https {
+        format!("https://127.0.0.1:{}/v1/responses", up.tls_addr.port())
+    } else {
+        format!("http://{}/v1/responses", up.addr)
+    };
+    let b: Vec<(ProxyProc, Target)> = others()
+        .map(|(name, bin)| {
+            let (p, mut bt, _) = start_proxy_bin(&bin, &url, https.then_some(up.ca_pem.as_str()));
+            bt.name = name;
+            (p, bt)
+        })
+        .collect();
+    let rounds = if b.is_empty() { 1 } else { 3 };
     for _ in 0..rounds {
-        for target in std::iter::once(&t).chain(b.as_ref().map(|(_, bt)| bt)) {
+        for target in std::iter::once(&t).chain(b.iter().map(|(_, bt)| bt)) {
             let t0 = Instant::now();
             let row = cpu_per_10k(target, n, &fails).await;
             let own = cpu_split(std::process::id());

@@ -179,7 +179,8 @@ async fn drain_signal(mut rx: watch::Receiver<Option<Duration>>) -> Duration {
 /// `--worker-threads` threads serve connections, the calling thread being the first. Each
 /// runs its own single-threaded event loop and keeps its own upstream pool, so a request is
 /// handled start to end on one thread with no cross-thread wake-ups. The calling thread
-/// accepts and gives each connection to the worker with the fewest live connections.
+/// accepts, keeps most new connections and hands the rest to the least loaded other worker
+/// (see [`server::HOT_SHARE`]).
 pub fn serve(p: Prepared) -> Result<(), RunError> {
     let Prepared {
         config,
