@@ -94,7 +94,8 @@ async fn read_request(s: &mut (impl AsyncRead + Unpin), pending: &mut Vec<u8>) -
 }
 
 /// An upstream that answers the i-th request it reads (over all connections) with
-/// `answers[i]`, keeping each connection open for more; counts connections.
+/// `answers[i]`, keeping each connection open for more (an empty answer closes the
+/// connection without a word); counts connections.
 struct Scripted {
     up: Raw,
     connections: Arc<AtomicUsize>,
@@ -118,6 +119,9 @@ async fn scripted(tls: bool, answers: Vec<&'static [u8]>) -> Scripted {
                     r.len() - 1
                 };
                 let Some(answer) = answers.get(i) else { return };
+                if answer.is_empty() {
+                    return;
+                }
                 if s.write_all(answer).await.is_err() || s.flush().await.is_err() {
                     return;
                 }
@@ -577,6 +581,29 @@ async fn over_tls_a_record_without_data_on_an_idle_connection_keeps_it() {
         });
     }
     assert_eq!(connections.load(Ordering::SeqCst), 1, "{}", p.stderr_text());
+}
+
+/// A request sent on a pooled connection that the upstream closes without answering (as
+/// when its close of an idle connection crosses the request) is a 502 and is not retried:
+/// the upstream may have acted on it. The next request gets a fresh connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_the_upstream_drops_on_a_reused_connection_is_not_retried() {
+    for tls in [false, true] {
+        const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+        let up = scripted(tls, vec![OK, b"", OK]).await;
+        let p = start_proxy(&up.up.args(&["--worker-threads", "1"]));
+        let mut statuses = Vec::new();
+        for _ in 0..3 {
+            let (status, _, body) = exchange(p.port, p.responses_request("{}")).await;
+            statuses.push(status.as_u16());
+            if status == 502 {
+                assert_eq!(error_code(&body), "upstream_unavailable");
+            }
+        }
+        assert_eq!(statuses, [200, 502, 200], "tls {tls}: {}", p.stderr_text());
+        assert_eq!(up.requests.lock().expect("lock").len(), 3, "tls {tls}");
+        assert_eq!(up.connections.load(Ordering::SeqCst), 2, "tls {tls}");
+    }
 }
 
 /// An upstream named by host name (`localhost`: resolved, tried address by address, over
