@@ -71,7 +71,7 @@ pub struct Handoff {
 /// workers never have the cores to themselves. A worker with many connections finds more
 /// work each time it wakes and sleeps less per request; one that serves a few sleeps after
 /// almost every request, and each sleep and wake-up costs CPU on both sides. With 16 busy
-/// connections on 2 cores, keeping 14 on one worker and 2 on the other took about 10 % less
+/// connections on 2 cores, keeping 14 on one worker and 2 on the other took about 7 % less
 /// CPU per request than 8 and 8, and no less throughput (README, Benchmark); 16 and 0
 /// (one worker) took less CPU still but left a core's share unused under load.
 pub const HOT_SHARE: usize = 7;
