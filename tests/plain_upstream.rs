@@ -93,6 +93,17 @@ async fn read_request(s: &mut (impl AsyncRead + Unpin), pending: &mut Vec<u8>) -
     }
 }
 
+/// Sends `body` through the proxy and checks the answer is `200` with body `ok`.
+async fn expect_ok(p: &ProxyProc, body: &str, what: &str) {
+    let (status, _, got) = exchange(p.port, p.responses_request(body)).await;
+    assert_eq!(
+        (status.as_u16(), got.as_slice()),
+        (200, &b"ok"[..]),
+        "{what}: {}",
+        p.stderr_text()
+    );
+}
+
 /// An upstream that answers the i-th request it reads (over all connections) with
 /// `answers[i]`, keeping each connection open for more (an empty answer closes the
 /// connection without a word); counts connections.
@@ -261,12 +272,7 @@ async fn a_large_request_body_arrives_whole() {
         let p = start_proxy(&up.up.args(&["--worker-threads", "1"]));
         let big = format!("{{\"input\":\"{}\"}}", "y".repeat(16 << 20));
         for _ in 0..2 {
-            let (status, _, body) = exchange(p.port, p.responses_request(&big)).await;
-            assert_eq!(
-                (status.as_u16(), body.as_slice()),
-                (200, &b"ok"[..]),
-                "tls {tls}"
-            );
+            expect_ok(&p, &big, &format!("tls {tls}")).await;
         }
         let reqs = up.requests.lock().expect("lock").clone();
         assert_eq!(reqs.len(), 2);
@@ -497,12 +503,7 @@ async fn idle_connections_close_and_stale_ones_are_not_reused_over(tls: bool) {
         (count.load(Ordering::SeqCst) >= 2).then_some(())
     });
     // The next request must notice the close and use a fresh connection, not fail.
-    let (status, _, body) = exchange(p.port, p.responses_request("{}")).await;
-    assert_eq!(
-        (status.as_u16(), body.as_slice()),
-        (200, &b"ok"[..]),
-        "tls {tls}"
-    );
+    expect_ok(&p, "{}", &format!("tls {tls}")).await;
     assert_eq!(count.load(Ordering::SeqCst), 3, "tls {tls}");
 }
 
@@ -567,13 +568,7 @@ async fn over_tls_a_record_without_data_on_an_idle_connection_keeps_it() {
         "1",
     ]);
     for i in 1..=3 {
-        let (status, _, body) = exchange(p.port, p.responses_request("{}")).await;
-        assert_eq!(
-            (status.as_u16(), body.as_slice()),
-            (200, &b"ok"[..]),
-            "request {i}: {}",
-            p.stderr_text()
-        );
+        expect_ok(&p, "{}", &format!("request {i}")).await;
         answered.notify_one();
         // On loopback a flushed write is in the peer's receive queue when it returns.
         poll_until(Duration::from_secs(5), "key update sent", || {
@@ -616,13 +611,7 @@ async fn an_upstream_named_localhost_is_reached() {
         let mut args = up.up.args(&[]);
         args[1] = url.as_str();
         let p = start_proxy(&args);
-        let (status, _, body) = exchange(p.port, p.responses_request("{}")).await;
-        assert_eq!(
-            (status.as_u16(), body.as_slice()),
-            (200, &b"ok"[..]),
-            "tls {tls}: {}",
-            p.stderr_text()
-        );
+        expect_ok(&p, "{}", &format!("tls {tls}")).await;
         let reqs = up.requests.lock().expect("lock").clone();
         let head = String::from_utf8_lossy(&reqs[0]).to_string();
         assert!(head.contains("\r\nhost: localhost:"), "{head}");
