@@ -822,6 +822,28 @@ impl std::fmt::Display for CpuRow {
     }
 }
 
+/// The fake upstream itself over HTTPS (a TLS client trusting the run's CA), with the key.
+fn direct_tls_target(up: &Upstream) -> Target {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in <rustls_pki_types::CertificateDer as rustls_pki_types::pem::PemObject>::pem_slice_iter(
+        up.ca_pem.as_bytes(),
+    ) {
+        roots.add(c.expect("pem")).expect("root");
+    }
+    let client_tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("v")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Target {
+        tls: Some(Arc::new(client_tls)),
+        port: up.tls_addr.port(),
+        ..direct_target(up)
+    }
+}
+
 /// The fake upstream itself, over plain HTTP, with the key a client would send.
 fn direct_target(up: &Upstream) -> Target {
     Target {
@@ -875,16 +897,18 @@ fn over_https() -> bool {
     std::env::var_os("BENCH_HTTPS").is_some()
 }
 
+/// The proxy's `--upstream-url` for the fake upstream's plain or HTTPS side.
+fn proxy_url(up: &Upstream, https: bool) -> String {
+    if https {
+        format!("https://127.0.0.1:{}/v1/responses", up.tls_addr.port())
+    } else {
+        format!("http://{}/v1/responses", up.addr)
+    }
+}
+
 /// The proxy, to the fake upstream's plain or HTTPS side.
 fn start_proxy_to(up: &Upstream, https: bool) -> (ProxyProc, Target, Duration) {
-    if https {
-        start_proxy(
-            &format!("https://127.0.0.1:{}/v1/responses", up.tls_addr.port()),
-            Some(&up.ca_pem),
-        )
-    } else {
-        start_proxy(&format!("http://{}/v1/responses", up.addr), None)
-    }
+    start_proxy(&proxy_url(up, https), https.then_some(up.ca_pem.as_str()))
 }
 
 async fn rss_only_run() {
@@ -917,22 +941,31 @@ fn others() -> impl Iterator<Item = (String, String)> {
         .map(|(bin, c)| (format!("proxy-{}", c as char), bin))
 }
 
-/// `--load-only`: the small-POST throughput rows alone (plain upstream; direct, proxy,
+/// `--load-only`: the small-POST throughput rows alone (plain upstream, or HTTPS with
+/// `BENCH_HTTPS=1`; direct, proxy,
 /// nginx when installed, and `BENCH_PROXY_B` when set; interleaved, 5 rounds of 2 s at c = 1, 16, 64), medians and ratios.
 async fn load_only_run() {
     let up = start_upstream().await;
     let fails = Arc::new(Failures::default());
-    let (_p, proxy, _) = start_proxy_to(&up, false);
-    let nginx = start_nginx(up.addr, None);
-    let mut set = vec![direct_target(&up), proxy];
+    let https = over_https();
+    let (_p, proxy, _) = start_proxy_to(&up, https);
+    let (nginx, direct) = if https {
+        (
+            start_nginx(up.tls_addr, Some(&up.ca_pem)),
+            direct_tls_target(&up),
+        )
+    } else {
+        (start_nginx(up.addr, None), direct_target(&up))
+    };
+    let mut set = vec![direct, proxy];
     if let Some((_, t)) = &nginx {
         set.push(t.clone());
     }
     // BENCH_PROXY_B=path[,path…]: other builds of the proxy, measured in the same rounds.
-    let url = format!("http://{}/v1/responses", up.addr);
+    let url = proxy_url(&up, https);
     let _b: Vec<ProxyProc> = others()
         .map(|(name, bin)| {
-            let (p, mut t, _) = start_proxy_bin(&bin, &url, None);
+            let (p, mut t, _) = start_proxy_bin(&bin, &url, https.then_some(up.ca_pem.as_str()));
             t.name = name;
             set.push(t);
             p
@@ -1011,11 +1044,7 @@ async fn cpu_only(n: usize) {
     println!("proxy pid {pid}");
     // BENCH_PROXY_B=path[,path…]: other builds of the proxy, measured in turn with this
     // one, 3 rounds.
-    let url = if https {
-        format!("https://127.0.0.1:{}/v1/responses", up.tls_addr.port())
-    } else {
-        format!("http://{}/v1/responses", up.addr)
-    };
+    let url = proxy_url(&up, https);
     let b: Vec<(ProxyProc, Target)> = others()
         .map(|(name, bin)| {
             let (p, mut bt, _) = start_proxy_bin(&bin, &url, https.then_some(up.ca_pem.as_str()));
@@ -1052,8 +1081,8 @@ async fn run(quick: bool, out_path: &str) {
     let up = start_upstream().await;
     let fails = Arc::new(Failures::default());
 
-    let plain_url = format!("http://{}/v1/responses", up.addr);
-    let tls_url = format!("https://127.0.0.1:{}/v1/responses", up.tls_addr.port());
+    let plain_url = proxy_url(&up, false);
+    let tls_url = proxy_url(&up, true);
     let mut startups = Vec::new();
     for _ in 0..if quick { 2 } else { 10 } {
         let (p, _, ready) = start_proxy(&plain_url, None);
@@ -1064,24 +1093,7 @@ async fn run(quick: bool, out_path: &str) {
     let (_proxy_tls, mut proxy_tls_t, _) = start_proxy(&tls_url, Some(&up.ca_pem));
     proxy_tls_t.name = "proxy".into();
     let direct = direct_target(&up);
-    let mut roots = rustls::RootCertStore::empty();
-    for c in <rustls_pki_types::CertificateDer as rustls_pki_types::pem::PemObject>::pem_slice_iter(
-        up.ca_pem.as_bytes(),
-    ) {
-        roots.add(c.expect("pem")).expect("root");
-    }
-    let client_tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("v")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let direct_tls = Target {
-        tls: Some(Arc::new(client_tls)),
-        port: up.tls_addr.port(),
-        ..direct.clone()
-    };
+    let direct_tls = direct_tls_target(&up);
     let nginx = start_nginx(up.addr, None);
     let mut targets = vec![direct.clone(), proxy_t.clone()];
     if let Some((_, t)) = &nginx {
