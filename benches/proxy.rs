@@ -992,13 +992,19 @@ async fn load_only_run() {
     println!("failures {}", fails.0.load(Ordering::Relaxed));
 }
 
-/// `--sse-only`: the SSE row alone (direct and proxy, 10 runs each, 20 events 5 ms apart),
+/// `--sse-only`: the SSE row alone (direct and proxy, 10 runs each, 20 events 5 ms apart;
+/// `BENCH_HTTPS=1`: over the HTTPS side),
 /// every run printed, for looking into time-to-first-event.
 async fn sse_only_run() {
     let up = start_upstream().await;
     let fails = Arc::new(Failures::default());
-    let (_p, proxy, _) = start_proxy(&format!("http://{}/v1/responses", up.addr), None);
-    let direct = direct_target(&up);
+    let https = over_https();
+    let (_p, proxy, _) = start_proxy_to(&up, https);
+    let direct = if https {
+        direct_tls_target(&up)
+    } else {
+        direct_target(&up)
+    };
     for _ in 0..10 {
         for t in [&direct, &proxy] {
             // A new connection, then a second exchange on the same connection.
