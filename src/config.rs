@@ -10,6 +10,8 @@ use http::Uri;
 
 /// The default upstream.
 pub const DEFAULT_UPSTREAM_URL: &str = "https://api.openai.com/v1/responses";
+/// Worker threads by default (fewer when fewer CPUs are available).
+pub const DEFAULT_WORKERS: usize = 2;
 
 /// A strict, hardened loopback proxy for the OpenAI Responses API.
 ///
@@ -70,11 +72,11 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 1024)]
     pub max_connections: usize,
 
-    /// Threads serving connections. Each runs its own event loop, accepts its own
-    /// connections and keeps its own upstream connection pool, so a request never hops
-    /// between threads.
-    #[arg(long, value_name = "N", default_value_t = 2)]
-    pub worker_threads: usize,
+    /// Threads serving connections [default: 2, or 1 where only one CPU is available].
+    /// Each runs its own event loop and keeps its own upstream connection pool, so a
+    /// request never hops between threads.
+    #[arg(long, value_name = "N")]
+    pub worker_threads: Option<usize>,
 
     /// Time allowed to connect to the upstream, TLS handshake included (504 after it).
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
@@ -171,8 +173,8 @@ pub struct Config {
     pub max_header_size: usize,
     /// Most open client connections.
     pub max_connections: usize,
-    /// Threads serving connections (1..=64).
-    pub worker_threads: usize,
+    /// Threads serving connections (1..=64); `None`: the default, see [`Config::workers`].
+    pub worker_threads: Option<usize>,
     /// Upstream connect (TCP + TLS) timeout.
     pub upstream_connect_timeout: Duration,
     /// Upstream idle timeout.
@@ -303,6 +305,14 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 impl Config {
+    /// Worker threads to start on a machine that lets the process use `cpus` CPUs:
+    /// `--worker-threads` when given; otherwise 2, or 1 on a single CPU (where a second
+    /// event loop could never run beside the first and would only add context switches).
+    pub fn workers(&self, cpus: usize) -> usize {
+        self.worker_threads
+            .unwrap_or(cpus.clamp(1, DEFAULT_WORKERS))
+    }
+
     /// Validates parsed flags.
     pub fn from_args(args: Args) -> Result<Self, ConfigError> {
         let upstream = parse_upstream(&args.upstream_url)?;
@@ -316,7 +326,7 @@ impl Config {
         if args.max_connections == 0 {
             return Err(ConfigError::Zero("--max-connections"));
         }
-        if !(1..=64).contains(&args.worker_threads) {
+        if args.worker_threads.is_some_and(|n| !(1..=64).contains(&n)) {
             return Err(ConfigError::OutOfRange(
                 "--worker-threads must be between 1 and 64",
             ));
@@ -455,7 +465,11 @@ mod tests {
             Some(ConfigError::Zero("--upstream-idle-timeout"))
         );
         assert!(Config::from_args(args(&["--max-header-size", "10"])).is_err());
-        assert_eq!(c.worker_threads, 2);
+        assert_eq!(c.worker_threads, None);
+        assert_eq!(c.workers(2), 2);
+        assert_eq!(c.workers(1), 1, "one CPU: one event loop");
+        assert_eq!(c.workers(16), 2);
+        assert_eq!(c.workers(0), 1);
         for bad in ["0", "65"] {
             assert!(matches!(
                 Config::from_args(args(&["--worker-threads", bad])),
@@ -464,9 +478,16 @@ mod tests {
         }
         assert_eq!(
             Config::from_args(args(&["--worker-threads", "1"]))
-                .map(|c| c.worker_threads)
+                .map(|c| c.workers(8))
                 .ok(),
             Some(1)
+        );
+        assert_eq!(
+            Config::from_args(args(&["--worker-threads", "5"]))
+                .map(|c| c.workers(1))
+                .ok(),
+            Some(5),
+            "an explicit count is kept"
         );
         assert!(!c.upstream_http2, "HTTP/1.1 is the default");
         assert_eq!(

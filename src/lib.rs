@@ -223,10 +223,12 @@ pub fn serve(p: Prepared) -> Result<(), RunError> {
     let upstream_text = upstream_for_log(upstream.uri());
     let proxy = Arc::new(Proxy::new(&config, port, token, key, dumper, stop_tx));
 
-    let loads = server::Loads::new(config.worker_threads);
-    let mut workers = Vec::with_capacity(config.worker_threads.saturating_sub(1));
-    let mut handoffs = Vec::with_capacity(config.worker_threads.saturating_sub(1));
-    for i in 1..config.worker_threads {
+    let worker_threads = config
+        .workers(std::thread::available_parallelism().map_or(config::DEFAULT_WORKERS, |n| n.get()));
+    let loads = server::Loads::new(worker_threads);
+    let mut workers = Vec::with_capacity(worker_threads.saturating_sub(1));
+    let mut handoffs = Vec::with_capacity(worker_threads.saturating_sub(1));
+    for i in 1..worker_threads {
         let event_loop = event_loop()?;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         handoffs.push(tx);

@@ -824,6 +824,47 @@ fn registered_per_event_loop(pid: u32) -> std::collections::BTreeSet<Vec<u64>> {
     out
 }
 
+/// The threads of process `pid` (`Threads:` in `/proc/PID/status`).
+fn threads_of(pid: u32) -> Option<usize> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Two worker threads by default, one where the process may use only one CPU, and what
+/// `--worker-threads` says when given.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_threads_default_to_two_or_one_per_cpu() {
+    let up = MockUpstream::plain(|_| Reply::json(200, "{}")).await;
+    let url = up.url();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cases: [(&[&str], &[&str], usize); 3] = [
+        (&[], &[], cpus.min(2)),
+        (&["taskset", "-c", "0"], &[], 1),
+        (&["taskset", "-c", "0"], &["--worker-threads", "3"], 3),
+    ];
+    for (wrapper, extra, expected) in cases {
+        let args = [&["--upstream-url", url.as_str()][..], extra].concat();
+        let p = if wrapper.is_empty() {
+            start_proxy(&args)
+        } else {
+            start_proxy_under(wrapper, &args)
+        };
+        // Requests are served, and no thread is added for them.
+        for _ in 0..3 {
+            let (status, _, _) = exchange(p.port, p.responses_request("{}")).await;
+            assert_eq!(status, 200);
+        }
+        let pid = p.child.id();
+        let n = poll_until(Duration::from_secs(5), "thread count", || threads_of(pid));
+        assert_eq!(n, expected, "{wrapper:?} {extra:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_opened_together_go_seven_to_one_over_the_workers() {
     let hold = Arc::new(Notify::new());

@@ -475,9 +475,26 @@ pub fn start_proxy(args: &[&str]) -> ProxyProc {
 }
 
 pub fn start_proxy_with(args: &[&str], stdin: &str, env: &[(&str, &str)]) -> ProxyProc {
+    start_proxy_cmd(Command::new(bin()), args, stdin, env)
+}
+
+/// Starts the proxy through a wrapper, e.g. `["taskset", "-c", "0"]` (which `exec`s it, so
+/// the PID is the proxy's).
+pub fn start_proxy_under(wrapper: &[&str], args: &[&str]) -> ProxyProc {
+    let (first, rest) = wrapper.split_first().expect("a wrapper command");
+    let mut cmd = Command::new(first);
+    cmd.args(rest).arg(bin());
+    start_proxy_cmd(cmd, args, &format!("{KEY}\n"), &[])
+}
+
+fn start_proxy_cmd(
+    mut cmd: Command,
+    args: &[&str],
+    stdin: &str,
+    env: &[(&str, &str)],
+) -> ProxyProc {
     let dir = tempfile::tempdir().expect("tempdir");
     let info_path = dir.path().join("server-info.json");
-    let mut cmd = Command::new(bin());
     cmd.args(args)
         .arg("--server-info")
         .arg(&info_path)
