@@ -17,13 +17,14 @@
 //! | [`gate`] | pure: request head → allow or refusal |
 //! | [`headers`] | pure: header rewriting both ways |
 //! | [`mask`] | pure: overwriting a reflected key in headers and streams |
-//! | [`upstream`] | TLS client, pool, connect timeout |
+//! | [`upstream`] | the choice of upstream path; the HTTP/2 client of `--upstream-http2`; TLS roots, connect timeout |
+//! | [`fields`] | pure: header fields located in a head buffer, recognised by name |
 //! | [`h1`] | pure: HTTP/1.1 heads, framing and chunked decoding, both sides |
-//! | [`upstream_h1`] | the plain-`http` upstream: per-worker keep-alive pool, streaming body |
+//! | [`upstream_h1`] | the default upstream path, HTTP/1.1 over TCP or TLS: per-worker keep-alive pool, streaming body |
 //! | [`body`] | the streaming request and response bodies, their limits and timers |
 //! | [`proxy`] | one request: gate → forward → stream back |
 //! | [`conn`] | one client connection: request heads in, responses out, keep-alive |
-//! | [`server`] | listener, connection cap, graceful shutdown |
+//! | [`server`] | listener, connection cap, sharing connections between workers, graceful shutdown |
 //! | [`server_info`], [`dump`] | the files the proxy writes |
 //! | [`log`] | access and event lines on stderr |
 #![deny(unsafe_code)]
