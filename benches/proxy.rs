@@ -1,6 +1,8 @@
 //! The benchmark: the release proxy (and nginx, when installed) against a direct
 //! connection to the same fast fake upstream, measured interleaved in one run, medians of
-//! several repetitions, reported as a table with ratios and as JSON.
+//! several repetitions, reported as a table with ratios and as JSON. A byte relay (no
+//! HTTP, no key: the floor under any proxy that terminates TCP) is measured beside them
+//! on the plain-HTTP rows.
 //!
 //!     scripts/bench            full run (a few minutes)
 //!     scripts/bench --quick    smoke run (CI): tiny counts, no thresholds
@@ -234,19 +236,22 @@ struct ProxyProc {
 impl Drop for ProxyProc {
     fn drop(&mut self) {
         // SIGTERM first, so a profiler wrapping the proxy writes its output.
-        let _ = Command::new("kill")
-            .arg(self.child.id().to_string())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        stop(&mut self.child);
     }
+}
+
+/// SIGTERM, up to 30 s to exit, then SIGKILL.
+fn stop(child: &mut Child) {
+    let _ = Command::new("kill").arg(child.id().to_string()).status();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 fn start_proxy(upstream_url: &str, ca: Option<&str>) -> (ProxyProc, Target, Duration) {
@@ -343,8 +348,9 @@ struct Nginx {
 
 impl Drop for Nginx {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        // SIGTERM: the master stops its workers and then exits (SIGKILL on the master alone
+        // would leave the workers running, one pair more after every run).
+        stop(&mut self.child);
         // Its warnings explain failed requests (the run fails on any).
         if let Ok(log) = std::fs::read_to_string(self._dir.path().join("error.log"))
             && !log.trim().is_empty()
@@ -740,10 +746,138 @@ fn us(d: Duration) -> f64 {
 }
 
 // ------------------------------------------------------------------------------------
+// Byte relay (BENCH_RELAY=1): the floor under any proxy that terminates TCP
+// ------------------------------------------------------------------------------------
+
+/// `--relay UPSTREAM PORT_FILE` (this bench re-run as a separate process, so its CPU is
+/// its own): a TCP relay with no HTTP, no key, no pool. One upstream connection per client
+/// connection, bytes copied both ways; the proxy's thread model (two event loops, one
+/// thread each, the accepting one keeping 7 of 8 new connections). It makes the same
+/// system calls per request as the proxy (two reads, two writes) and nothing else, so
+/// what it costs is what any proxy that takes the client's TCP and opens its own to the
+/// upstream costs before it does any work of its own.
+fn relay_main(upstream: SocketAddr, port_file: &str) {
+    let one_loop = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .expect("relay rt")
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel::<std::net::TcpStream>();
+    let other = one_loop();
+    std::thread::spawn(move || {
+        other.block_on(async move {
+            while let Some(s) = rx.recv().await {
+                if let Ok(s) = TcpStream::from_std(s) {
+                    tokio::spawn(relay_one(s, upstream));
+                }
+            }
+        })
+    });
+    // It lives as long as the bench holds its stdin open, an hour at most.
+    let (eof_tx, eof) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+        let _ = eof_tx.send(());
+    });
+    let main_loop = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
+        .expect("relay rt");
+    main_loop.block_on(async move {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("relay bind");
+        let port = l.local_addr().expect("relay addr").port();
+        let tmp = format!("{port_file}.tmp");
+        std::fs::write(&tmp, port.to_string()).expect("relay port file");
+        std::fs::rename(&tmp, port_file).expect("relay port file");
+        let end = tokio::time::sleep(Duration::from_secs(3600));
+        tokio::pin!(end, eof);
+        for n in 1u64.. {
+            let accepted = tokio::select! {
+                a = l.accept() => a,
+                _ = &mut eof => break,
+                () = &mut end => break,
+            };
+            let Ok((s, _)) = accepted else {
+                continue;
+            };
+            match s.into_std() {
+                Ok(s) if n % 8 == 0 => {
+                    let _ = tx.send(s);
+                }
+                Ok(s) => {
+                    if let Ok(s) = TcpStream::from_std(s) {
+                        tokio::spawn(relay_one(s, upstream));
+                    }
+                }
+                Err(_) => {}
+            }
+        }
+    });
+}
+
+async fn relay_one(mut c: TcpStream, upstream: SocketAddr) {
+    let Ok(mut u) = TcpStream::connect(upstream).await else {
+        return;
+    };
+    let _ = c.set_nodelay(true);
+    let _ = u.set_nodelay(true);
+    let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+}
+
+/// Starts the relay in front of `up`'s plain side; the client sends the key itself.
+fn start_relay(up: &Upstream) -> (ProxyProc, Target) {
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("port");
+    let child = Command::new(std::env::current_exe().expect("exe"))
+        .arg("--relay")
+        .arg(up.addr.to_string())
+        .arg(&file)
+        // Its end: the relay exits when this pipe closes (the bench ended, however it did).
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn relay");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let port = loop {
+        if let Some(p) = std::fs::read_to_string(&file)
+            .ok()
+            .and_then(|t| t.parse::<u16>().ok())
+        {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "relay did not start");
+        std::thread::sleep(Duration::from_micros(200));
+    };
+    let target = Target {
+        name: "relay".into(),
+        port,
+        pid: Some(child.id()),
+        ..direct_target(up)
+    };
+    (ProxyProc { child, _dir: dir }, target)
+}
+
+/// `BENCH_RELAY=1`: the byte relay is measured too (`--load-only`, `--cpu-only`).
+fn with_relay() -> bool {
+    std::env::var_os("BENCH_RELAY").is_some()
+}
+
+// ------------------------------------------------------------------------------------
 // Main
 // ------------------------------------------------------------------------------------
 
 fn main() {
+    if let Some(i) = std::env::args().position(|a| a == "--relay") {
+        let a: Vec<String> = std::env::args().skip(i + 1).take(2).collect();
+        let up = a
+            .first()
+            .and_then(|v| v.parse().ok())
+            .expect("--relay UPSTREAM PORT_FILE");
+        return relay_main(up, a.get(1).expect("--relay UPSTREAM PORT_FILE"));
+    }
     let quick = std::env::args().any(|a| a == "--quick");
     let out_path = std::env::args()
         .skip_while(|a| a != "--json")
@@ -971,6 +1105,11 @@ async fn load_only_run() {
             p
         })
         .collect();
+    let _relay = (with_relay() && !https).then(|| {
+        let (p, t) = start_relay(&up);
+        set.push(t);
+        p
+    });
     for c in [1, 16, 64] {
         let mut rps: Vec<Vec<f64>> = vec![Vec::new(); set.len()];
         for _ in 0..5 {
@@ -1005,8 +1144,15 @@ async fn sse_only_run() {
     } else {
         direct_target(&up)
     };
-    for _ in 0..10 {
-        for t in [&direct, &proxy] {
+    let relay = (with_relay() && !https).then(|| start_relay(&up));
+    let mut set = vec![&direct, &proxy];
+    set.extend(relay.iter().map(|(_, t)| t));
+    let rounds: usize = std::env::var("BENCH_SSE_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    for _ in 0..rounds {
+        for &t in &set {
             // A new connection, then a second exchange on the same connection.
             let mut s = connect(t).await;
             for conn in ["new", "reused"] {
@@ -1058,9 +1204,17 @@ async fn cpu_only(n: usize) {
             (p, bt)
         })
         .collect();
-    let rounds = if b.is_empty() { 1 } else { 3 };
+    let relay = (with_relay() && !https).then(|| start_relay(&up));
+    let rounds = if b.is_empty() && relay.is_none() {
+        1
+    } else {
+        3
+    };
     for _ in 0..rounds {
-        for target in std::iter::once(&t).chain(b.iter().map(|(_, bt)| bt)) {
+        for target in std::iter::once(&t)
+            .chain(b.iter().map(|(_, bt)| bt))
+            .chain(relay.iter().map(|(_, rt)| rt))
+        {
             let t0 = Instant::now();
             let row = cpu_per_10k(target, n, &fails).await;
             let own = cpu_split(std::process::id());
@@ -1105,6 +1259,12 @@ async fn run(quick: bool, out_path: &str) {
     if let Some((_, t)) = &nginx {
         targets.push(t.clone());
     }
+    // The floor on the small-POST, SSE and CPU rows: a byte relay with the proxy's system
+    // calls and none of its work (not on the 8 MiB and memory rows, where its 8 KiB copy
+    // buffers, not the floor, would be measured).
+    let (_relay, relay_t) = start_relay(&up);
+    let mut with_floor = targets.clone();
+    with_floor.push(relay_t);
     let nginx_tls = start_nginx(up.tls_addr, Some(&up.ca_pem));
     let mut tls_targets = vec![direct_tls.clone(), proxy_tls_t.clone()];
     if let Some((_, t)) = &nginx_tls {
@@ -1128,7 +1288,7 @@ async fn run(quick: bool, out_path: &str) {
     };
 
     // 1. Small POSTs: throughput at c = 1, 16, 64; latency at c = 1.
-    for (label, set) in [("http", targets.clone()), ("https", tls_targets.clone())] {
+    for (label, set) in [("http", with_floor.clone()), ("https", tls_targets.clone())] {
         let concs: &[usize] = if label == "http" {
             &[1, 16, 64]
         } else {
@@ -1231,7 +1391,7 @@ async fn run(quick: bool, out_path: &str) {
     //    targets interleaved, median over the repetitions (clock ticks are 10 ms, so each
     //    sample spans 30+ ticks).
     let n_cpu = if quick { 500 } else { 20_000 };
-    let measured: Vec<Target> = targets
+    let measured: Vec<Target> = with_floor
         .iter()
         .filter(|t| t.pid.is_some())
         .cloned()
