@@ -240,6 +240,21 @@ impl Drop for ProxyProc {
     }
 }
 
+/// `bin` as a command, run under the words of the environment variable `var` (a profiler
+/// such as `valgrind --tool=callgrind`) when it is set; and whether it is.
+fn wrapped_in(var: &str, bin: &std::ffi::OsStr) -> (Command, bool) {
+    let wrapper = std::env::var(var).unwrap_or_default();
+    let mut words = wrapper.split_whitespace();
+    match words.next() {
+        Some(w) => {
+            let mut c = Command::new(w);
+            c.args(words).arg(bin);
+            (c, true)
+        }
+        None => (Command::new(bin), false),
+    }
+}
+
 /// SIGTERM, up to 30 s to exit, then SIGKILL.
 fn stop(child: &mut Child) {
     let _ = Command::new("kill").arg(child.id().to_string()).status();
@@ -294,16 +309,7 @@ fn start_proxy_bin(
     }
     let t0 = Instant::now();
     // BENCH_PROXY_WRAPPER="valgrind --tool=callgrind" runs the proxy under a profiler.
-    let wrapper = std::env::var("BENCH_PROXY_WRAPPER").unwrap_or_default();
-    let mut words = wrapper.split_whitespace();
-    let mut cmd = match words.next() {
-        Some(w) => {
-            let mut c = Command::new(w);
-            c.args(words).arg(bin);
-            c
-        }
-        None => Command::new(bin),
-    };
+    let (mut cmd, wrapped) = wrapped_in("BENCH_PROXY_WRAPPER", bin.as_ref());
     let mut child = cmd
         .args(&args)
         .stdin(Stdio::piped())
@@ -317,7 +323,7 @@ fn start_proxy_bin(
         .expect("stdin")
         .write_all(format!("{KEY}\n").as_bytes())
         .expect("key");
-    let deadline = t0 + Duration::from_secs(if wrapper.is_empty() { 10 } else { 120 });
+    let deadline = t0 + Duration::from_secs(if wrapped { 120 } else { 10 });
     let v: Value = loop {
         if let Ok(t) = std::fs::read_to_string(&info)
             && let Ok(v) = serde_json::from_str(&t)
@@ -793,11 +799,15 @@ fn relay_main(upstream: SocketAddr, port_file: &str) {
         std::fs::rename(&tmp, port_file).expect("relay port file");
         let end = tokio::time::sleep(Duration::from_secs(3600));
         tokio::pin!(end, eof);
+        // SIGTERM ends it cleanly too (a profiler around it then writes its output).
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("relay SIGTERM");
         for n in 1u64.. {
             let accepted = tokio::select! {
                 a = l.accept() => a,
                 _ = &mut eof => break,
                 () = &mut end => break,
+                _ = term.recv() => break,
             };
             let Ok((s, _)) = accepted else {
                 continue;
@@ -830,7 +840,10 @@ async fn relay_one(mut c: TcpStream, upstream: SocketAddr) {
 fn start_relay(up: &Upstream) -> (ProxyProc, Target) {
     let dir = tempfile::tempdir().expect("dir");
     let file = dir.path().join("port");
-    let child = Command::new(std::env::current_exe().expect("exe"))
+    // BENCH_RELAY_WRAPPER="valgrind --tool=callgrind" runs the relay under a profiler.
+    let exe = std::env::current_exe().expect("exe");
+    let (mut cmd, wrapped) = wrapped_in("BENCH_RELAY_WRAPPER", exe.as_os_str());
+    let child = cmd
         .arg("--relay")
         .arg(up.addr.to_string())
         .arg(&file)
@@ -840,7 +853,7 @@ fn start_relay(up: &Upstream) -> (ProxyProc, Target) {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("spawn relay");
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(if wrapped { 120 } else { 10 });
     let port = loop {
         if let Some(p) = std::fs::read_to_string(&file)
             .ok()
