@@ -541,10 +541,7 @@ async fn small_load(
     dur: Duration,
     fails: &Arc<Failures>,
 ) -> (f64, Vec<Duration>) {
-    let body = Bytes::from(format!(
-        "{{\"model\":\"gpt-bench\",\"input\":\"{}\"}}",
-        "x".repeat(SMALL - 34)
-    ));
+    let body = small_body();
     let start = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..c {
@@ -563,6 +560,28 @@ async fn small_load(
         all.extend(t.await.expect("task"));
     }
     (all.len() as f64 / start.elapsed().as_secs_f64(), all)
+}
+
+/// The small POST's 1 KiB JSON body.
+fn small_body() -> Bytes {
+    Bytes::from(format!(
+        "{{\"model\":\"gpt-bench\",\"input\":\"{}\"}}",
+        "x".repeat(SMALL - 34)
+    ))
+}
+
+/// `n` small POSTs on one kept-alive connection, one every `gap` (an agent's pace, not a
+/// load: each request finds the target idle, its caches taken by other processes): the
+/// latencies.
+async fn spaced(t: &Target, n: usize, gap: Duration, fails: &Failures) -> Vec<Duration> {
+    let body = small_body();
+    let mut s = connect(t).await;
+    let mut lat = Vec::with_capacity(n);
+    for _ in 0..n {
+        tokio::time::sleep(gap).await;
+        lat.push(one(&mut s, t, "small", body.clone(), fails).await);
+    }
+    lat
 }
 
 struct SseRun {
@@ -1344,6 +1363,29 @@ async fn run(quick: bool, out_path: &str) {
                         &mut results,
                     );
                 }
+            }
+        }
+        // 1b. Small POSTs 10 ms apart on one connection: the added latency an agent sees
+        //     (its requests come seconds apart, never back to back).
+        let n_spaced = if quick { 10 } else { 100 };
+        let mut sp: Vec<[Vec<f64>; 2]> = vec![[Vec::new(), Vec::new()]; set.len()];
+        for _ in 0..reps {
+            for (i, t) in set.iter().enumerate() {
+                let mut lat = spaced(t, n_spaced, Duration::from_millis(10), &fails).await;
+                sp[i][0].push(us(pct(&mut lat, 0.5)));
+                sp[i][1].push(us(pct(&mut lat, 0.99)));
+            }
+        }
+        for (k, q) in ["p50", "p99"].iter().enumerate() {
+            let d = median(sp[0][k].clone());
+            for (i, t) in set.iter().enumerate() {
+                rec(
+                    &format!("{label} small POST 10 ms apart {q} µs"),
+                    &t.name,
+                    median(sp[i][k].clone()),
+                    Some(d),
+                    &mut results,
+                );
             }
         }
         // 2. SSE.
