@@ -2,7 +2,7 @@
 //! connection to the same fast fake upstream, measured interleaved in one run, medians of
 //! several repetitions, reported as a table with ratios and as JSON. A byte relay (no
 //! HTTP, no key: the floor under any proxy that terminates TCP) is measured beside them
-//! on the plain-HTTP rows.
+//! on the plain-HTTP small-POST, SSE and CPU rows.
 //!
 //!     scripts/bench            full run (a few minutes)
 //!     scripts/bench --quick    smoke run (CI): tiny counts, no thresholds
@@ -892,7 +892,8 @@ fn start_relay(up: &Upstream) -> (ProxyProc, Target) {
     (ProxyProc { child, _dir: dir }, target)
 }
 
-/// `BENCH_RELAY=1`: the byte relay is measured too (`--load-only`, `--cpu-only`).
+/// `BENCH_RELAY=1`: the byte relay is measured too (`--load-only`, `--cpu-only`,
+/// `--sse-only`; the full run always measures it).
 fn with_relay() -> bool {
     std::env::var_os("BENCH_RELAY").is_some()
 }
