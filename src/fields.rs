@@ -63,32 +63,130 @@ pub enum Name {
 impl Name {
     /// Recognises a field name (any case).
     pub fn of(name: &[u8]) -> Self {
-        let is = |lower: &[u8]| name.eq_ignore_ascii_case(lower);
-        match name.len() {
-            2 if is(b"te") => Self::Te,
-            4 if is(b"host") => Self::Host,
-            6 if is(b"cookie") => Self::Cookie,
-            6 if is(b"expect") => Self::Expect,
-            6 if is(b"origin") => Self::Origin,
-            7 if is(b"trailer") => Self::Trailer,
-            7 if is(b"upgrade") => Self::Upgrade,
-            9 if is(b"forwarded") => Self::Forwarded,
-            10 if is(b"connection") => Self::Connection,
-            10 if is(b"keep-alive") => Self::KeepAlive,
-            12 if is(b"content-type") => Self::ContentType,
-            13 if is(b"authorization") => Self::Authorization,
-            13 if is(b"x-proxy-token") => Self::ProxyToken,
-            14 if is(b"content-length") => Self::ContentLength,
-            14 if is(b"sec-fetch-site") => Self::SecFetchSite,
-            16 if is(b"proxy-connection") => Self::ProxyConnection,
-            17 if is(b"transfer-encoding") => Self::TransferEncoding,
-            18 if is(b"proxy-authenticate") => Self::ProxyAuthenticate,
-            19 if is(b"proxy-authorization") => Self::ProxyAuthorization,
-            n if n >= 12 && name[..12].eq_ignore_ascii_case(b"x-forwarded-") => Self::XForwarded,
+        let Some(key) = packed(name) else {
+            return Self::other_or_forwarded(name);
+        };
+        // Each name is compared as three words (its bytes lowercased, and its length).
+        const TE: Packed = known(b"te");
+        const HOST: Packed = known(b"host");
+        const COOKIE: Packed = known(b"cookie");
+        const EXPECT: Packed = known(b"expect");
+        const ORIGIN: Packed = known(b"origin");
+        const TRAILER: Packed = known(b"trailer");
+        const UPGRADE: Packed = known(b"upgrade");
+        const FORWARDED: Packed = known(b"forwarded");
+        const CONNECTION: Packed = known(b"connection");
+        const KEEP_ALIVE: Packed = known(b"keep-alive");
+        const CONTENT_TYPE: Packed = known(b"content-type");
+        const AUTHORIZATION: Packed = known(b"authorization");
+        const X_PROXY_TOKEN: Packed = known(b"x-proxy-token");
+        const CONTENT_LENGTH: Packed = known(b"content-length");
+        const SEC_FETCH_SITE: Packed = known(b"sec-fetch-site");
+        const PROXY_CONNECTION: Packed = known(b"proxy-connection");
+        const TRANSFER_ENCODING: Packed = known(b"transfer-encoding");
+        const PROXY_AUTHENTICATE: Packed = known(b"proxy-authenticate");
+        const PROXY_AUTHORIZATION: Packed = known(b"proxy-authorization");
+        match key {
+            TE => Self::Te,
+            HOST => Self::Host,
+            COOKIE => Self::Cookie,
+            EXPECT => Self::Expect,
+            ORIGIN => Self::Origin,
+            TRAILER => Self::Trailer,
+            UPGRADE => Self::Upgrade,
+            FORWARDED => Self::Forwarded,
+            CONNECTION => Self::Connection,
+            KEEP_ALIVE => Self::KeepAlive,
+            CONTENT_TYPE => Self::ContentType,
+            AUTHORIZATION => Self::Authorization,
+            X_PROXY_TOKEN => Self::ProxyToken,
+            CONTENT_LENGTH => Self::ContentLength,
+            SEC_FETCH_SITE => Self::SecFetchSite,
+            PROXY_CONNECTION => Self::ProxyConnection,
+            TRANSFER_ENCODING => Self::TransferEncoding,
+            PROXY_AUTHENTICATE => Self::ProxyAuthenticate,
+            PROXY_AUTHORIZATION => Self::ProxyAuthorization,
+            _ => Self::other_or_forwarded(name),
+        }
+    }
+
+    fn other_or_forwarded(name: &[u8]) -> Self {
+        match name.get(..12) {
+            Some(p) if p.eq_ignore_ascii_case(b"x-forwarded-") => Self::XForwarded,
             _ => Self::Other,
         }
     }
+
+    /// This name's bit in [`Fields`]' set of the names present.
+    fn bit(self) -> u32 {
+        1 << (self as u32)
+    }
 }
+
+/// A name of at most [`PACKED_MAX`] bytes as three little-endian words: its bytes with ASCII
+/// letters lowercased, zero-padded, and its length in the last byte (which no name byte
+/// reaches, so names that differ only in trailing zero bytes differ here too).
+type Packed = [u64; 3];
+
+/// The longest name [`packed`] takes (the longest name in [`Name`] is 19 bytes).
+const PACKED_MAX: usize = 19;
+
+/// `name` packed, or `None` when it is too long to be one of [`Name`]'s.
+fn packed(name: &[u8]) -> Option<Packed> {
+    if name.len() > PACKED_MAX {
+        return None;
+    }
+    let mut bytes = [0u8; 24];
+    bytes.get_mut(..name.len())?.copy_from_slice(name);
+    bytes[23] = name.len() as u8;
+    Some(words(bytes))
+}
+
+/// A lowercase name packed at compile time.
+const fn known(name: &[u8]) -> Packed {
+    assert!(name.len() <= PACKED_MAX);
+    let mut bytes = [0u8; 24];
+    let mut i = 0;
+    while i < name.len() {
+        bytes[i] = name[i];
+        i += 1;
+    }
+    bytes[23] = name.len() as u8;
+    words(bytes)
+}
+
+const fn words(bytes: [u8; 24]) -> Packed {
+    let mut w = [0u64; 3];
+    let mut k = 0;
+    while k < 3 {
+        let mut word = [0u8; 8];
+        let mut i = 0;
+        while i < 8 {
+            word[i] = bytes[k * 8 + i];
+            i += 1;
+        }
+        w[k] = lowercase(u64::from_le_bytes(word));
+        k += 1;
+    }
+    w
+}
+
+/// The eight bytes of `w` with `A`..=`Z` turned into `a`..=`z`, every other byte as it is
+/// (the same as `u8::to_ascii_lowercase` on each byte, eight at a time).
+const fn lowercase(w: u64) -> u64 {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = ONES * 0x80;
+    let low7 = w & !HIGH;
+    // Per byte, the high bit says: at least `A`; above `Z`; below 0x80. (No byte's sum
+    // carries into the next: 0x7f + 0x3f < 0x100.)
+    let from_a = low7 + ONES * (0x80 - b'A' as u64);
+    let past_z = low7 + ONES * (0x80 - b'Z' as u64 - 1);
+    let upper = from_a & !past_z & !w & HIGH;
+    w | (upper >> 2)
+}
+
+// Every name has a bit of a `u32` in [`Fields`]' set of names present.
+const _: () = assert!((Name::Other as u32) < 32);
 
 /// How many times a field occurs, and its value when exactly once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,6 +216,9 @@ struct Field {
 pub struct Fields {
     head: Bytes,
     list: Vec<Field>,
+    /// The names of `list` (one bit per [`Name`]), so that looking up an absent name, what
+    /// most of the gate's lookups are, does not scan the list.
+    present: u32,
 }
 
 impl std::fmt::Debug for Fields {
@@ -159,10 +260,7 @@ impl Fields {
         if !located.0.iter().all(|f| inside(f.name) && inside(f.value)) {
             return None;
         }
-        Some(Self {
-            head,
-            list: located.0,
-        })
+        Some(Self::new(head, located.0))
     }
 
     /// Fields at the given `(name start, name end, value start, value end)` offsets of
@@ -179,7 +277,16 @@ impl Fields {
                 kind: Name::of(name),
             });
         }
-        Some(Self { head, list })
+        Some(Self::new(head, list))
+    }
+
+    fn new(head: Bytes, list: Vec<Field>) -> Self {
+        let present = names_in(&list);
+        Self {
+            head,
+            list,
+            present,
+        }
     }
 
     /// Fields holding what `headers` holds (for tests, fuzzing, and the HTTPS client's
@@ -216,6 +323,7 @@ impl Fields {
         let head = &self.head;
         self.list
             .retain(|f| keep(f.kind, &head[f.name.0 as usize..f.name.1 as usize]));
+        self.present = names_in(&self.list);
     }
 
     /// The first value of the field named `name` (any case), if any.
@@ -275,15 +383,19 @@ impl Fields {
 
     /// The values of every field named `name`, in order.
     pub fn values(&self, name: Name) -> impl Iterator<Item = &[u8]> {
-        self.list
-            .iter()
+        let list = if self.present & name.bit() == 0 {
+            &[][..]
+        } else {
+            &self.list[..]
+        };
+        list.iter()
             .filter(move |f| f.kind == name)
             .map(|f| self.bytes(f.value))
     }
 
     /// Whether a field named `name` is present.
     pub fn contains(&self, name: Name) -> bool {
-        self.list.iter().any(|f| f.kind == name)
+        self.present & name.bit() != 0
     }
 
     /// Whether `name` is absent, present once (and its value), or repeated.
@@ -313,6 +425,11 @@ impl Fields {
     pub fn is_empty(&self) -> bool {
         self.list.is_empty()
     }
+}
+
+/// The set of names in `list`, one bit per [`Name`].
+fn names_in(list: &[Field]) -> u32 {
+    list.iter().fold(0, |set, f| set | f.kind.bit())
 }
 
 /// Whether every byte is visible ASCII, space or tab (what `HeaderValue::to_str` accepts
@@ -378,10 +495,47 @@ pub(crate) mod tests {
             ("dontent-type", Name::Other),
             ("y-forwarded-for", Name::Other),
             ("X-FORWARDED-HOST", Name::XForwarded),
+            ("X-Forwarded-A-Name-Longer-Than-Any-Known", Name::XForwarded),
+            ("proxy-authorizations", Name::Other),
+            ("PROXY-AUTHORIZATION", Name::ProxyAuthorization),
+            ("a-name-of-twenty-one", Name::Other),
+            ("te\0", Name::Other),
+            ("host\0\0", Name::Other),
+            ("TE\r", Name::Other),
+            ("hOsT", Name::Host),
         ];
         for (name, want) in cases {
             assert_eq!(Name::of(name.as_bytes()), *want, "{name}");
         }
+    }
+
+    #[test]
+    fn words_are_lowercased_as_bytes_are() {
+        for b in 0..=255u8 {
+            for at in 0..8 {
+                let mut word = [b'X', b'y', b'-', b'Z', 0xC0, b'@', b'[', b'a'];
+                word[at] = b;
+                let mut want = word;
+                want.make_ascii_lowercase();
+                let got = lowercase(u64::from_le_bytes(word)).to_le_bytes();
+                assert_eq!(got, want, "byte {b:#x} at {at}");
+            }
+        }
+    }
+
+    #[test]
+    fn lookups_follow_retain() {
+        let mut f = fields(&[("Host", "a"), ("Cookie", "c"), ("x-other", "z")]);
+        assert!(f.contains(Name::Cookie) && f.contains(Name::Host));
+        assert!(!f.contains(Name::Origin));
+        f.retain(|kind, _| kind != Name::Cookie);
+        assert!(!f.contains(Name::Cookie));
+        assert_eq!(f.occurs(Name::Cookie), Occurs::Never);
+        assert_eq!(f.occurs(Name::Host), Occurs::Once(b"a"));
+        assert!(f.contains(Name::Other));
+        f.retain(|_, _| false);
+        assert!(!f.contains(Name::Host) && !f.contains(Name::Other));
+        assert_eq!(f.values(Name::Host).count(), 0);
     }
 
     #[test]

@@ -239,6 +239,10 @@ fn is_json(fields: &Fields) -> bool {
     let Occurs::Once(ct) = fields.occurs(Name::ContentType) else {
         return false;
     };
+    // What nearly every client sends, decided without splitting or scanning.
+    if ct.eq_ignore_ascii_case(b"application/json") {
+        return true;
+    }
     // The media type, then text only (no obs-text bytes anywhere, parameters included).
     let media_type = ct.split(|&b| b == b';').next().unwrap_or_default();
     media_type
@@ -409,6 +413,13 @@ mod tests {
                 method: "POST",
                 target: "/v1/responses",
                 headers: with(good(), "authorization", "Bearer sk-dummy"),
+                shutdown: false,
+                want: Ok(Route::Responses),
+            },
+            Case {
+                method: "POST",
+                target: "/v1/responses",
+                headers: replace(good(), "content-type", "APPLICATION/Json"),
                 shutdown: false,
                 want: Ok(Route::Responses),
             },

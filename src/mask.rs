@@ -16,23 +16,65 @@ pub const MARK: u8 = b'*';
 
 /// Start of every occurrence of `key` in `hay`, non-overlapping, left to right.
 fn occurrences(hay: &[u8], key: &[u8]) -> Vec<usize> {
-    let mut found = Vec::new();
-    if key.is_empty() || hay.len() < key.len() {
-        return found;
+    occurrences_at(hay, key, anchor(key))
+}
+
+/// The position in `key` of the byte [`occurrences_at`] looks for first: the first
+/// uppercase letter among the key's first 32 bytes, else the first digit, else its last
+/// byte. Bodies and headers are mostly lowercase text, so an uppercase letter or a digit
+/// stops the search at far fewer places than the `s` every key starts with.
+fn anchor(key: &[u8]) -> usize {
+    let head = &key[..key.len().min(32)];
+    head.iter()
+        .position(u8::is_ascii_uppercase)
+        .or_else(|| head.iter().position(u8::is_ascii_digit))
+        .unwrap_or(key.len().saturating_sub(1))
+}
+
+/// The key, with the position its search starts from worked out once (the proxy builds
+/// one at start-up, not one per response).
+#[derive(Debug, Clone, Copy)]
+pub struct Needle {
+    key: &'static [u8],
+    at: usize,
+}
+
+impl Needle {
+    /// `key` (must not be empty) and its [`anchor`].
+    pub fn new(key: &'static [u8]) -> Self {
+        Self {
+            key,
+            at: anchor(key),
+        }
     }
+
+    fn occurrences(&self, hay: &[u8]) -> Vec<usize> {
+        occurrences_at(hay, self.key, self.at)
+    }
+}
+
+/// [`occurrences`], looking first for `key[at]` (any position gives the same result).
+fn occurrences_at(hay: &[u8], key: &[u8], at: usize) -> Vec<usize> {
+    let mut found = Vec::new();
+    let Some(&byte) = key.get(at) else {
+        return found;
+    };
+    let Some(last_start) = hay.len().checked_sub(key.len()) else {
+        return found;
+    };
+    // `i` is the first start still possible; the anchor byte of a key starting at `s` is
+    // at `s + at`.
     let mut i = 0;
-    while i + key.len() <= hay.len() {
-        match memchr::memchr(key[0], &hay[i..=hay.len() - key.len()]) {
-            None => break,
-            Some(off) => {
-                let at = i + off;
-                if &hay[at..at + key.len()] == key {
-                    found.push(at);
-                    i = at + key.len();
-                } else {
-                    i = at + 1;
-                }
-            }
+    while i <= last_start {
+        let Some(off) = memchr::memchr(byte, &hay[i + at..=last_start + at]) else {
+            break;
+        };
+        let start = i + off;
+        if &hay[start..start + key.len()] == key {
+            found.push(start);
+            i = start + key.len();
+        } else {
+            i = start + 1;
         }
     }
     found
@@ -40,10 +82,13 @@ fn occurrences(hay: &[u8], key: &[u8]) -> Vec<usize> {
 
 /// Length of the longest suffix of `hay` that is a proper prefix of `key`.
 fn held_suffix(hay: &[u8], key: &[u8]) -> usize {
-    let max = key.len().saturating_sub(1).min(hay.len());
-    let tail_start = hay.len() - max;
-    for p in tail_start..hay.len() {
-        if hay[p] == key[0] && hay[p..] == key[..hay.len() - p] {
+    let Some(&first) = key.first() else {
+        return 0;
+    };
+    let tail_start = hay.len() - key.len().saturating_sub(1).min(hay.len());
+    for off in memchr::memchr_iter(first, &hay[tail_start..]) {
+        let p = tail_start + off;
+        if hay[p..] == key[..hay.len() - p] {
             return hay.len() - p;
         }
     }
@@ -82,11 +127,10 @@ pub fn mask_headers(headers: &mut HeaderMap, key: &[u8]) {
 /// none contains it (the usual case, no copy), else rebuilt with the key's bytes
 /// overwritten. (A name holding the key is only a hostile or broken upstream's doing; `*`
 /// is a valid name character, so the masked name is still a name.)
-pub fn mask_fields(fields: Fields, key: &[u8]) -> Fields {
-    if !fields
-        .iter()
-        .any(|(_, n, v)| contains(v, key) || contains(n, key))
-    {
+pub fn mask_fields(fields: Fields, needle: Needle) -> Fields {
+    let key = needle.key;
+    let holds = |part: &[u8]| !needle.occurrences(part).is_empty();
+    if !fields.iter().any(|(_, n, v)| holds(v) || holds(n)) {
         return fields;
     }
     let mut pairs: Vec<(Vec<u8>, Vec<u8>)> = fields
@@ -96,7 +140,7 @@ pub fn mask_fields(fields: Fields, key: &[u8]) -> Fields {
     drop(fields);
     for (name, value) in &mut pairs {
         for part in [name, value] {
-            let at = occurrences(part, key);
+            let at = needle.occurrences(part);
             overwrite(part, &at, key.len());
         }
     }
@@ -111,7 +155,7 @@ pub fn mask_fields(fields: Fields, key: &[u8]) -> Fields {
 /// Masks the key in a stream of body chunks.
 #[derive(Debug)]
 pub struct StreamMask {
-    key: &'static [u8],
+    needle: Needle,
     /// Trailing bytes of the stream so far that could be the start of the key.
     held: BytesMut,
 }
@@ -119,22 +163,27 @@ pub struct StreamMask {
 impl StreamMask {
     /// A masker for `key` (must not be empty).
     pub fn new(key: &'static [u8]) -> Self {
+        Self::of(Needle::new(key))
+    }
+
+    /// A masker for the needle's key.
+    pub fn of(needle: Needle) -> Self {
         Self {
-            key,
+            needle,
             held: BytesMut::new(),
         }
     }
 
     /// The key being masked.
     pub fn key(&self) -> &'static [u8] {
-        self.key
+        self.needle.key
     }
 
     /// Takes the next chunk; returns what can be sent now (possibly empty).
     pub fn push(&mut self, chunk: Bytes) -> Bytes {
-        let key = self.key;
+        let key = self.needle.key;
         if self.held.is_empty() {
-            let at = occurrences(&chunk, key);
+            let at = self.needle.occurrences(&chunk);
             if at.is_empty() && held_suffix(&chunk, key) == 0 {
                 return chunk;
             }
@@ -146,7 +195,7 @@ impl StreamMask {
         }
         let mut buf = std::mem::take(&mut self.held);
         buf.extend_from_slice(&chunk);
-        let at = occurrences(&buf, key);
+        let at = self.needle.occurrences(&buf);
         overwrite(&mut buf, &at, key.len());
         let hold = held_suffix(&buf, key);
         self.held = buf.split_off(buf.len() - hold);
@@ -201,6 +250,55 @@ mod tests {
         }
     }
 
+    /// Every non-overlapping occurrence, left to right, found by trying every start.
+    fn naive_occurrences(hay: &[u8], key: &[u8]) -> Vec<usize> {
+        let mut found = Vec::new();
+        let mut i = 0;
+        while !key.is_empty() && i + key.len() <= hay.len() {
+            if &hay[i..i + key.len()] == key {
+                found.push(i);
+                i += key.len();
+            } else {
+                i += 1;
+            }
+        }
+        found
+    }
+
+    fn naive_held_suffix(hay: &[u8], key: &[u8]) -> usize {
+        (1..key.len().min(hay.len() + 1))
+            .rev()
+            .find(|&n| hay[hay.len() - n..] == key[..n])
+            .unwrap_or(0)
+    }
+
+    #[test]
+    fn the_anchor_prefers_uppercase_then_digits() {
+        assert_eq!(anchor(b"sk-proj-abC1"), 10);
+        assert_eq!(anchor(b"sk-test-bench-0123"), 14);
+        assert_eq!(anchor(b"sk-aab"), 5);
+        assert_eq!(anchor(b"s"), 0);
+        assert_eq!(anchor(b""), 0);
+        let late = [&[b'a'; 40][..], b"Z"].concat();
+        assert_eq!(anchor(&late), 40, "past the first 32 bytes: the last byte");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+        #[test]
+        fn any_anchor_finds_what_trying_every_start_finds(
+            hay in proptest::collection::vec(proptest::sample::select(b"sk-A1x".to_vec()), 0..40),
+            key in proptest::collection::vec(proptest::sample::select(b"sk-A1x".to_vec()), 0..6),
+        ) {
+            let want = naive_occurrences(&hay, &key);
+            proptest::prop_assert_eq!(occurrences(&hay, &key), want.clone());
+            for at in 0..key.len() {
+                proptest::prop_assert_eq!(occurrences_at(&hay, &key, at), want.clone());
+            }
+            proptest::prop_assert_eq!(held_suffix(&hay, &key), naive_held_suffix(&hay, &key));
+        }
+    }
+
     #[test]
     fn passes_chunks_through_without_holding_unless_needed() {
         let (_, sizes) = run(&[b"event: a\n\n", b"event: b\n\n"]);
@@ -238,7 +336,7 @@ mod tests {
             HeaderValue::from_static("sk-test-abcdefsk-test-abcdef!"),
         );
         let fields = Fields::from_header_map(&h);
-        let masked = mask_fields(fields, KEY);
+        let masked = mask_fields(fields, Needle::new(KEY));
         let stars = "*".repeat(KEY.len());
         let got: Vec<_> = masked
             .iter()
@@ -263,7 +361,7 @@ mod tests {
             http::HeaderName::from_bytes(b"x-sk-test-abcdef").expect("name"),
             HeaderValue::from_static("1"),
         );
-        let masked = mask_fields(Fields::from_header_map(&h), KEY);
+        let masked = mask_fields(Fields::from_header_map(&h), Needle::new(KEY));
         let names: Vec<_> = masked.iter().map(|(_, n, _)| n.to_vec()).collect();
         assert_eq!(names, [format!("x-{stars}").into_bytes()]);
         let clean = Fields::from_header_map(&HeaderMap::from_iter([(
@@ -271,6 +369,10 @@ mod tests {
             HeaderValue::from_static("text/plain"),
         )]));
         let before = clean.head().as_ptr();
-        assert_eq!(mask_fields(clean, KEY).head().as_ptr(), before, "no copy");
+        assert_eq!(
+            mask_fields(clean, Needle::new(KEY)).head().as_ptr(),
+            before,
+            "no copy"
+        );
     }
 }

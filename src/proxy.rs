@@ -39,6 +39,8 @@ pub struct Proxy {
     token: ProxyToken,
     http_shutdown: bool,
     key: ApiKey,
+    /// The key as the reflected-key scan looks for it.
+    needle: mask::Needle,
     max_request_body: u64,
     body_read_timeout: Duration,
     upstream_idle_timeout: Duration,
@@ -110,6 +112,7 @@ impl Proxy {
             port,
             token,
             http_shutdown: config.http_shutdown,
+            needle: mask::Needle::new(key.expose_bytes()),
             key,
             max_request_body: config.max_request_body,
             body_read_timeout: config.body_read_timeout,
@@ -261,13 +264,13 @@ impl Proxy {
         } = resp;
         record.ttfb = Some(start.elapsed());
         record.status = status.as_u16();
-        let fields = mask::mask_fields(headers::to_client(fields), self.key.expose_bytes());
+        let fields = mask::mask_fields(headers::to_client(fields), self.needle);
         // Read after masking, so a reflected key can never reach the log through it.
         record.upstream_request_id = fields.get(b"x-request-id").and_then(sanitize_request_id);
         let dump = slot.map(|s| s.open(status, &fields.to_header_map()));
         let stream = ResponseStream::new(
             rbody,
-            StreamMask::new(self.key.expose_bytes()),
+            StreamMask::of(self.needle),
             self.upstream_idle_timeout,
             start,
             record,

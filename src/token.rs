@@ -58,9 +58,26 @@ impl ProxyToken {
 
     /// Whether `candidate` is exactly this token, in time independent of where they differ.
     pub fn matches(&self, candidate: &[u8]) -> bool {
-        // The length is public (always 43); only the contents are compared in constant time.
-        candidate.len() == TOKEN_LEN && bool::from(self.0.ct_eq(candidate))
+        // The length is public (always 43); only the contents are compared in constant time:
+        // the differences of all 8-byte words are gathered without a branch on the data, and
+        // only their union is tested (one constant-time comparison rather than one per byte).
+        if candidate.len() != TOKEN_LEN {
+            return false;
+        }
+        let mut diff = 0u64;
+        for (ours, theirs) in self.0.chunks(8).zip(candidate.chunks(8)) {
+            diff |= word(ours) ^ word(theirs);
+        }
+        bool::from(diff.ct_eq(&0))
     }
+}
+
+/// Up to 8 bytes as a word, zero-padded.
+fn word(bytes: &[u8]) -> u64 {
+    let mut w = [0u8; 8];
+    let n = bytes.len().min(8);
+    w[..n].copy_from_slice(&bytes[..n]);
+    u64::from_le_bytes(w)
 }
 
 impl fmt::Debug for ProxyToken {
@@ -108,5 +125,18 @@ mod tests {
         longer.push(b'A');
         assert!(!a.matches(&longer));
         assert_eq!(format!("{a:?}"), "ProxyToken([REDACTED])");
+    }
+
+    #[test]
+    fn a_difference_in_any_one_byte_is_refused() {
+        let a = ProxyToken::from_random(&[7u8; 32]);
+        for at in 0..TOKEN_LEN {
+            for flip in [0x01u8, 0x20, 0x80] {
+                let mut other = a.as_str().as_bytes().to_vec();
+                other[at] ^= flip;
+                assert!(!a.matches(&other), "byte {at} ^ {flip:#x} matched");
+            }
+        }
+        assert!(a.matches(a.as_str().as_bytes()));
     }
 }
