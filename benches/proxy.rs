@@ -1164,9 +1164,10 @@ async fn load_only_run() {
     println!("failures {}", fails.0.load(Ordering::Relaxed));
 }
 
-/// `--sse-only`: the SSE row alone (direct and proxy, 10 runs each, 20 events 5 ms apart;
-/// `BENCH_HTTPS=1`: over the HTTPS side),
-/// every run printed, for looking into time-to-first-event.
+/// `--sse-only`: the SSE row alone (direct and proxy, 10 runs each or `BENCH_SSE_ROUNDS`,
+/// 20 events 5 ms apart; `BENCH_HTTPS=1`: over the HTTPS side; `BENCH_RELAY=1` and
+/// `BENCH_PROXY_B` add the relay and other builds), every run printed, then the medians of
+/// the first event, for looking into time-to-first-event.
 async fn sse_only_run() {
     let up = start_upstream().await;
     let fails = Arc::new(Failures::default());
@@ -1178,17 +1179,28 @@ async fn sse_only_run() {
         direct_target(&up)
     };
     let relay = (with_relay() && !https).then(|| start_relay(&up));
+    let url = proxy_url(&up, https);
+    let others: Vec<(ProxyProc, Target)> = others()
+        .map(|(name, bin)| {
+            let (p, mut t, _) = start_proxy_bin(&bin, &url, https.then_some(up.ca_pem.as_str()));
+            t.name = name;
+            (p, t)
+        })
+        .collect();
     let mut set = vec![&direct, &proxy];
     set.extend(relay.iter().map(|(_, t)| t));
+    set.extend(others.iter().map(|(_, t)| t));
     let rounds: usize = std::env::var("BENCH_SSE_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(10);
+    // First-event times in ms, per target, on new and on reused connections.
+    let mut first: Vec<[Vec<f64>; 2]> = vec![[Vec::new(), Vec::new()]; set.len()];
     for _ in 0..rounds {
-        for &t in &set {
+        for (i, &t) in set.iter().enumerate() {
             // A new connection, then a second exchange on the same connection.
             let mut s = connect(t).await;
-            for conn in ["new", "reused"] {
+            for (k, conn) in ["new", "reused"].into_iter().enumerate() {
                 let r = sse_on(&mut s, t, 20, Duration::from_millis(5), &fails).await;
                 println!(
                     "{:>7} ({conn:>6} connection): headers {:.3} ms, first event {:.3} ms, largest gap {:.3} ms",
@@ -1197,8 +1209,19 @@ async fn sse_only_run() {
                     us(r.first) / 1e3,
                     us(r.max_gap) / 1e3
                 );
+                first[i][k].push(us(r.first) / 1e3);
             }
         }
+    }
+    let base: Vec<f64> = first[0].iter().map(|v| median(v.clone())).collect();
+    for (t, runs) in set.iter().zip(&first) {
+        let [new, reused] = [0, 1].map(|k| median(runs[k].clone()));
+        println!(
+            "{:>7}: first event, median of {rounds}: new connection {new:.3} ms (+{:.3}), reused {reused:.3} ms (+{:.3})",
+            t.name,
+            new - base[0],
+            reused - base[1]
+        );
     }
     println!("failures {}", fails.0.load(Ordering::Relaxed));
 }
