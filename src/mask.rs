@@ -19,21 +19,19 @@ fn occurrences(hay: &[u8], key: &[u8]) -> Vec<usize> {
     occurrences_at(hay, key, anchor(key))
 }
 
-/// The position in `key` of the byte [`occurrences_at`] looks for first: the first
-/// uppercase letter among the key's first 32 bytes, else the first digit, else its last
-/// byte. Bodies and headers are mostly lowercase text, so an uppercase letter or a digit
-/// stops the search at far fewer places than the `s` every key starts with.
+/// The position in `key` of the byte [`occurrences_at`] looks for first: the `k` of the
+/// `sk-` every OpenAI key starts with, else the key's first byte. Text is full of `s` and
+/// has few `k`s, so far fewer places stop the search. Only a published byte may be the
+/// anchor: how long the scan takes depends on how often the anchor occurs in the response,
+/// which a client can steer (by asking the model to repeat a character), so an anchor
+/// taken from the key's secret part would tell a timing client which byte it is.
 fn anchor(key: &[u8]) -> usize {
-    let head = &key[..key.len().min(32)];
-    head.iter()
-        .position(u8::is_ascii_uppercase)
-        .or_else(|| head.iter().position(u8::is_ascii_digit))
-        .unwrap_or(key.len().saturating_sub(1))
+    usize::from(key.starts_with(b"sk-"))
 }
 
 /// The key, with the position its search starts from worked out once (the proxy builds
 /// one at start-up, not one per response).
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub struct Needle {
     key: &'static [u8],
     at: usize,
@@ -50,6 +48,12 @@ impl Needle {
 
     fn occurrences(&self, hay: &[u8]) -> Vec<usize> {
         occurrences_at(hay, self.key, self.at)
+    }
+}
+
+impl std::fmt::Debug for Needle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Needle([REDACTED])")
     }
 }
 
@@ -153,11 +157,20 @@ pub fn mask_fields(fields: Fields, needle: Needle) -> Fields {
 }
 
 /// Masks the key in a stream of body chunks.
-#[derive(Debug)]
 pub struct StreamMask {
     needle: Needle,
     /// Trailing bytes of the stream so far that could be the start of the key.
     held: BytesMut,
+}
+
+impl std::fmt::Debug for StreamMask {
+    // The held bytes are a prefix of the key: only their count is shown.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamMask")
+            .field("needle", &self.needle)
+            .field("held", &self.held.len())
+            .finish()
+    }
 }
 
 impl StreamMask {
@@ -273,14 +286,21 @@ mod tests {
     }
 
     #[test]
-    fn the_anchor_prefers_uppercase_then_digits() {
-        assert_eq!(anchor(b"sk-proj-abC1"), 10);
-        assert_eq!(anchor(b"sk-test-bench-0123"), 14);
-        assert_eq!(anchor(b"sk-aab"), 5);
-        assert_eq!(anchor(b"s"), 0);
+    fn the_anchor_is_a_published_byte() {
+        assert_eq!(anchor(b"sk-proj-abC1"), 1);
+        assert_eq!(anchor(b"sk-"), 1);
+        assert_eq!(anchor(b"xk-abc"), 0);
+        assert_eq!(anchor(b"sk"), 0);
         assert_eq!(anchor(b""), 0);
-        let late = [&[b'a'; 40][..], b"Z"].concat();
-        assert_eq!(anchor(&late), 40, "past the first 32 bytes: the last byte");
+    }
+
+    #[test]
+    fn debug_output_shows_no_key_bytes() {
+        let mut m = StreamMask::new(KEY);
+        let _ = m.push(Bytes::from_static(b"tail sk-test-ab"));
+        let shown = format!("{m:?} {:?}", Needle::new(KEY));
+        assert!(!shown.contains("sk-") && !shown.contains("115"), "{shown}");
+        assert!(shown.contains("held: 10"), "{shown}");
     }
 
     proptest::proptest! {
