@@ -1108,6 +1108,18 @@ fn others() -> impl Iterator<Item = (String, String)> {
         .map(|(bin, c)| (format!("proxy-{}", c as char), bin))
 }
 
+/// The builds of [`others`], started against `up`'s plain or TLS side.
+fn start_others(up: &Upstream, https: bool) -> Vec<(ProxyProc, Target)> {
+    let url = proxy_url(up, https);
+    others()
+        .map(|(name, bin)| {
+            let (p, mut t, _) = start_proxy_bin(&bin, &url, https.then_some(up.ca_pem.as_str()));
+            t.name = name;
+            (p, t)
+        })
+        .collect()
+}
+
 /// `--load-only`: the small-POST throughput rows alone (plain upstream, or HTTPS with
 /// `BENCH_HTTPS=1`; direct, proxy,
 /// nginx when installed, and `BENCH_PROXY_B` when set; interleaved, 5 rounds of 2 s at c = 1, 16, 64), medians and ratios.
@@ -1129,15 +1141,8 @@ async fn load_only_run() {
         set.push(t.clone());
     }
     // BENCH_PROXY_B=path[,path…]: other builds of the proxy, measured in the same rounds.
-    let url = proxy_url(&up, https);
-    let _b: Vec<ProxyProc> = others()
-        .map(|(name, bin)| {
-            let (p, mut t, _) = start_proxy_bin(&bin, &url, https.then_some(up.ca_pem.as_str()));
-            t.name = name;
-            set.push(t);
-            p
-        })
-        .collect();
+    let builds = start_others(&up, https);
+    set.extend(builds.iter().map(|(_, t)| t.clone()));
     let _relay = (with_relay() && !https).then(|| {
         let (p, t) = start_relay(&up);
         set.push(t);
@@ -1179,14 +1184,7 @@ async fn sse_only_run() {
         direct_target(&up)
     };
     let relay = (with_relay() && !https).then(|| start_relay(&up));
-    let url = proxy_url(&up, https);
-    let others: Vec<(ProxyProc, Target)> = others()
-        .map(|(name, bin)| {
-            let (p, mut t, _) = start_proxy_bin(&bin, &url, https.then_some(up.ca_pem.as_str()));
-            t.name = name;
-            (p, t)
-        })
-        .collect();
+    let others = start_others(&up, https);
     let mut set = vec![&direct, &proxy];
     set.extend(relay.iter().map(|(_, t)| t));
     set.extend(others.iter().map(|(_, t)| t));
@@ -1252,14 +1250,7 @@ async fn cpu_only(n: usize) {
     println!("proxy pid {pid}");
     // BENCH_PROXY_B=path[,path…]: other builds of the proxy, measured in turn with this
     // one, 3 rounds.
-    let url = proxy_url(&up, https);
-    let b: Vec<(ProxyProc, Target)> = others()
-        .map(|(name, bin)| {
-            let (p, mut bt, _) = start_proxy_bin(&bin, &url, https.then_some(up.ca_pem.as_str()));
-            bt.name = name;
-            (p, bt)
-        })
-        .collect();
+    let b = start_others(&up, https);
     let relay = (with_relay() && !https).then(|| start_relay(&up));
     let rounds = if b.is_empty() && relay.is_none() {
         1
