@@ -286,6 +286,19 @@ mod tests {
     }
 
     #[test]
+    fn scan_edge_cases() {
+        // Key at the very end, overlapping candidates, a key longer than the hay.
+        assert_eq!(occurrences(b"--s", b"-s"), [1]);
+        assert_eq!(occurrences(b"sksk-sk-", b"sk-"), [2, 5]);
+        assert_eq!(occurrences(b"sk", b"sk-"), Vec::<usize>::new());
+        assert_eq!(held_suffix(b"--s", b"-s"), 0);
+        assert_eq!(held_suffix(b"xx-", b"-s"), 1);
+        assert_eq!(held_suffix(b"sk-te", b"sk-test"), 5);
+        assert_eq!(held_suffix(b"", b"sk-"), 0);
+        assert_eq!(held_suffix(b"abc", b""), 0);
+    }
+
+    #[test]
     fn the_anchor_is_a_published_byte() {
         assert_eq!(anchor(b"sk-proj-abC1"), 1);
         assert_eq!(anchor(b"sk-"), 1);
