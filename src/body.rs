@@ -330,9 +330,11 @@ impl Drop for ResponseStream {
         {
             rt.spawn(drain(inner));
         }
-        self.record.outcome = outcome;
-        self.record.duration = self.start.elapsed();
-        self.logger.access(&self.record);
+        if self.logger.writes_access() {
+            self.record.outcome = outcome;
+            self.record.duration = self.start.elapsed();
+            self.logger.access(&self.record);
+        }
     }
 }
 

@@ -55,6 +55,43 @@ const LINGER_BYTES: usize = 1 << 20;
 const COPY_LIMIT: usize = 16 << 10;
 const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
+/// The one timer of a connection, reused by each wait that needs one in turn (the next
+/// request head, then the upstream's answer), so no wait creates, registers and removes a
+/// timer of its own. A wait gives its deadline; the timer is moved only when it would fire
+/// after it. It may therefore fire early (deadlines vary from one wait to the next), and
+/// [`WaitTimer::poll_until`] then checks the clock and moves it on: it is ready only once
+/// the deadline has passed.
+#[derive(Default)]
+pub struct WaitTimer(Option<Pin<Box<Sleep>>>);
+
+impl WaitTimer {
+    /// `Ready` once `at` has passed; otherwise the task is woken at `at` or before.
+    pub fn poll_until(&mut self, at: Instant, cx: &mut Context<'_>) -> Poll<()> {
+        let sleep = match &mut self.0 {
+            Some(s) => {
+                if s.deadline() > at {
+                    s.as_mut().reset(at);
+                }
+                s
+            }
+            None => self.0.insert(Box::pin(tokio::time::sleep_until(at))),
+        };
+        ready!(sleep.as_mut().poll(cx));
+        if Instant::now() >= at {
+            return Poll::Ready(());
+        }
+        // Fired for an earlier deadline: moved to this one, which is still ahead, so the
+        // poll below registers the task and waits.
+        sleep.as_mut().reset(at);
+        sleep.as_mut().poll(cx)
+    }
+
+    /// Waits until `at` has passed.
+    pub async fn until(&mut self, at: Instant) {
+        std::future::poll_fn(|cx| self.poll_until(at, cx)).await;
+    }
+}
+
 /// Where the connection is in the current request's body.
 #[derive(Debug, PartialEq, Eq)]
 enum BodyRead {
@@ -370,7 +407,7 @@ pub async fn serve(stream: TcpStream, ctx: Arc<ConnContext>, mut drain: watch::R
         }),
     });
     let read_ahead = ctx.limits.max_header_size.saturating_add(READ_AHEAD);
-    let mut timer: Option<Pin<Box<Sleep>>> = None;
+    let mut timer = WaitTimer::default();
     loop {
         let head = match read_head(&shared, &ctx.limits, &mut drain, &mut timer).await {
             Ok(head) => head,
@@ -411,7 +448,7 @@ pub async fn serve(stream: TcpStream, ctx: Arc<ConnContext>, mut drain: watch::R
         };
         let resp = tokio::select! {
             biased;
-            resp = ctx.proxy.handle(&ctx.upstream, head, body, ambiguous) => resp,
+            resp = ctx.proxy.handle(&ctx.upstream, head, body, ambiguous, &mut timer) => resp,
             () = client_gone(&shared, read_ahead) => return,
         };
         {
@@ -462,7 +499,7 @@ async fn read_head(
     shared: &Shared,
     limits: &ServerLimits,
     drain: &mut watch::Receiver<bool>,
-    timer: &mut Option<Pin<Box<Sleep>>>,
+    timer: &mut WaitTimer,
 ) -> Result<RequestHead, HeadEnd> {
     // Where the last parse attempt stopped: a head can only be complete once a line feed
     // arrives after it, so a head trickling in is not parsed again for every byte.
@@ -501,27 +538,10 @@ async fn read_head(
             return Err(HeadEnd::Quiet);
         }
         let at = *deadline.get_or_insert_with(|| Instant::now() + limits.header_read_timeout);
-        // The connection's timer is moved only when it would fire after `at`. Deadlines only
-        // grow from one request to the next, so on the usual path it stays where it is and
-        // fires early at most once per timeout, to be moved on then (cheaper than moving it
-        // for every request).
-        let sleep = match timer {
-            Some(s) => {
-                if s.deadline() > at {
-                    s.as_mut().reset(at);
-                }
-                s
-            }
-            None => timer.insert(Box::pin(tokio::time::sleep_until(at))),
-        };
         let read = tokio::select! {
             biased;
             read = shared.fill() => read,
-            () = sleep.as_mut() => {
-                if Instant::now() < at {
-                    sleep.as_mut().reset(at);
-                    continue;
-                }
+            () = timer.until(at) => {
                 return Err(if started {
                     HeadEnd::Refuse(
                         StatusCode::REQUEST_TIMEOUT,
@@ -683,4 +703,55 @@ async fn linger(shared: &Shared) {
         }
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime")
+    }
+
+    /// Polls once: whether the timer is ready now.
+    fn ready_now(timer: &mut WaitTimer, at: Instant) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        timer.poll_until(at, &mut cx).is_ready()
+    }
+
+    #[test]
+    fn a_timer_left_at_an_earlier_deadline_is_never_ready_before_the_later_one() {
+        runtime().block_on(async {
+            let t0 = Instant::now();
+            let mut timer = WaitTimer::default();
+            // Armed for a first wait; it fires at its deadline.
+            timer.until(t0 + Duration::from_millis(40)).await;
+            assert!(t0.elapsed() >= Duration::from_millis(40));
+            // The next wait has a later deadline: the timer (already fired) must be moved
+            // on, not taken as the end of this wait.
+            let later = t0 + Duration::from_millis(200);
+            assert!(!ready_now(&mut timer, later), "ready 160 ms early");
+            timer.until(later).await;
+            assert!(Instant::now() >= later, "ready before its deadline");
+        });
+    }
+
+    #[test]
+    fn a_timer_armed_for_a_later_deadline_is_moved_to_an_earlier_one() {
+        runtime().block_on(async {
+            let t0 = Instant::now();
+            let mut timer = WaitTimer::default();
+            assert!(!ready_now(&mut timer, t0 + Duration::from_secs(30)));
+            let soon = t0 + Duration::from_millis(30);
+            tokio::time::timeout(Duration::from_secs(10), timer.until(soon))
+                .await
+                .expect("the timer was not moved to the earlier deadline");
+            assert!(Instant::now() >= soon);
+            // A deadline already past is ready at once.
+            assert!(ready_now(&mut timer, t0));
+        });
+    }
 }

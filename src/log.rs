@@ -138,9 +138,14 @@ impl Logger {
         level <= self.level
     }
 
+    /// Whether access lines are written (so whether an exchange needs timing at all).
+    pub fn writes_access(&self) -> bool {
+        self.enabled(LogLevel::Info)
+    }
+
     /// Writes the access line for one request.
     pub fn access(&self, r: &AccessRecord) {
-        if !self.enabled(LogLevel::Info) {
+        if !self.writes_access() {
             return;
         }
         let mut fields: Vec<(&str, Value)> = vec![

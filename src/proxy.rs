@@ -14,7 +14,7 @@ use tokio::sync::watch;
 
 use crate::body::{BodyFault, ExchangeState, ProxyBody, ResponseStream, UpstreamRequestBody};
 use crate::config::{Config, LogLevel};
-use crate::conn::ClientBody;
+use crate::conn::{ClientBody, WaitTimer};
 use crate::dump::{Dumper, ResponseSlot};
 use crate::fields::Fields;
 use crate::gate::{self, GatePolicy, Route};
@@ -143,6 +143,7 @@ impl Proxy {
         head: RequestHead,
         body: ClientBody,
         ambiguous: bool,
+        timer: &mut WaitTimer,
     ) -> Reply {
         let start = Instant::now();
         let mut record = AccessRecord {
@@ -171,13 +172,15 @@ impl Proxy {
             }
             Ok(Route::Responses) => {
                 // Logs the exchange if the client goes away (this future is dropped) before
-                // there is a response to log it with.
+                // there is a response to log it with (when access lines are written).
                 let mut pending = PendingRecord {
-                    record: Some(record.clone()),
+                    record: self.logger.writes_access().then(|| record.clone()),
                     start,
                     logger: self.logger,
                 };
-                let reply = self.forward(upstream, head, body, start, record).await;
+                let reply = self
+                    .forward(upstream, head, body, start, record, timer)
+                    .await;
                 pending.record = None;
                 reply
             }
@@ -207,9 +210,11 @@ impl Proxy {
     ) -> Reply {
         record.status = status.as_u16();
         record.bytes_out = body.len() as u64;
-        record.duration = start.elapsed();
         record.outcome = outcome;
-        self.logger.access(record);
+        if self.logger.writes_access() {
+            record.duration = start.elapsed();
+            self.logger.access(record);
+        }
         json_response(status, body)
     }
 
@@ -220,6 +225,7 @@ impl Proxy {
         body: ClientBody,
         start: Instant,
         mut record: AccessRecord,
+        timer: &mut WaitTimer,
     ) -> Reply {
         // The declared length, as the connection framed the body (already parsed once).
         if http_body::Body::size_hint(&body)
@@ -250,7 +256,7 @@ impl Proxy {
         // cancelled before the error is answered).
         let result = {
             let up = std::pin::pin!(upstream.request(head.fields, self.key.header_value(), body));
-            self.await_head(up, &state).await
+            self.await_head(up, &state, timer).await
         };
         record.bytes_in = state.bytes_in();
         let resp = match result {
@@ -262,7 +268,8 @@ impl Proxy {
             fields,
             body: rbody,
         } = resp;
-        record.ttfb = Some(start.elapsed());
+        // Clock reads only for a line that is written.
+        record.ttfb = self.logger.writes_access().then(|| start.elapsed());
         record.status = status.as_u16();
         let fields = mask::mask_fields(headers::to_client(fields), self.needle);
         // Read after masking, so a reflected key can never reach the log through it.
@@ -286,15 +293,18 @@ impl Proxy {
     }
 
     /// Sends `up` and waits for the response head. The idle clock restarts whenever the
-    /// client's request body makes progress, so a slow large upload is not cut.
+    /// client's request body makes progress, so a slow large upload is not cut. (The wait
+    /// uses the connection's timer.)
     async fn await_head(
         &self,
         mut fut: Pin<&mut impl Future<Output = Result<UpstreamResponse, upstream::UpstreamError>>>,
         state: &ExchangeState,
+        timer: &mut WaitTimer,
     ) -> Result<UpstreamResponse, ProxyError> {
         loop {
             let deadline = state.last_activity() + self.upstream_idle_timeout;
             tokio::select! {
+                biased;
                 result = fut.as_mut() => {
                     return result.map_err(|e| {
                         // A failing request body is the client's doing, not the upstream's.
@@ -313,7 +323,7 @@ impl Proxy {
                         }
                     });
                 }
-                () = tokio::time::sleep_until(deadline.into()) => {
+                () = timer.until(deadline.into()) => {
                     if state.last_activity() + self.upstream_idle_timeout <= Instant::now() {
                         self.logger.event(LogLevel::Warn, "upstream sent no response within --upstream-idle-timeout", &[]);
                         return Err(ProxyError::IdleTimeout);
@@ -350,7 +360,9 @@ struct PendingRecord {
 
 impl Drop for PendingRecord {
     fn drop(&mut self) {
-        if let Some(mut r) = self.record.take() {
+        if let Some(mut r) = self.record.take()
+            && self.logger.writes_access()
+        {
             r.duration = self.start.elapsed();
             r.outcome = "client_closed";
             self.logger.access(&r);

@@ -606,7 +606,10 @@ async fn read_head(
 ) -> Result<h1::ResponseHead, H1Failure> {
     let mut interim = 0;
     loop {
-        if let Some(head) = h1::parse_response_head(buf)? {
+        // (Nothing to parse before the first read.)
+        if !buf.is_empty()
+            && let Some(head) = h1::parse_response_head(buf)?
+        {
             if head.status.is_informational() {
                 interim += 1;
                 if head.status == http::StatusCode::SWITCHING_PROTOCOLS || interim > MAX_INTERIM {

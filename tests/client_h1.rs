@@ -472,3 +472,41 @@ async fn the_head_deadline_restarts_with_each_request() {
     let (status, _, _) = read_response(&mut s, &mut buf).await;
     assert_eq!(status, 408);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_timer_serves_the_head_wait_and_the_upstream_wait() {
+    // The connection's one timer is left at the head deadline (0.4 s) while the upstream
+    // takes 1 s to answer: it fires early then and must be moved on to the upstream idle
+    // deadline (30 s), not taken for it. The next head's wait must then move it back.
+    let up = MockUpstream::plain(|_| Reply {
+        head_delay: Duration::from_secs(1),
+        ..Reply::json(200, "{}")
+    })
+    .await;
+    let p = start_proxy(&[
+        "--upstream-url",
+        &up.url(),
+        "--header-read-timeout",
+        "400ms",
+        "--upstream-idle-timeout",
+        "30s",
+    ]);
+    let mut s = connect(&p).await;
+    let mut buf = Vec::new();
+    let request = head(&p, &p.token, "content-length: 2\r\n\r\n{}");
+    for _ in 0..2 {
+        s.write_all(request.as_bytes()).await.expect("write");
+        let (status, _, body) = read_response(&mut s, &mut buf).await;
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    }
+    // A head that stalls gets its 408 at the head deadline, long before the idle one.
+    let t0 = std::time::Instant::now();
+    s.write_all(&request.as_bytes()[..20]).await.expect("write");
+    let (status, _, _) = read_response(&mut s, &mut buf).await;
+    assert_eq!(status, 408);
+    assert!(
+        t0.elapsed() < Duration::from_millis(2500),
+        "408 after {:?}: the timer stayed at the upstream deadline",
+        t0.elapsed()
+    );
+}
