@@ -398,6 +398,11 @@ impl Fields {
         self.present & name.bit() != 0
     }
 
+    /// Whether a field with any of these names is present.
+    pub fn contains_any(&self, names: &[Name]) -> bool {
+        self.present & names.iter().fold(0, |set, n| set | n.bit()) != 0
+    }
+
     /// Whether `name` is absent, present once (and its value), or repeated.
     pub fn occurs(&self, name: Name) -> Occurs<'_> {
         let mut values = self.values(name);

@@ -12,17 +12,18 @@ use http::{HeaderMap, HeaderValue};
 use crate::fields::{Fields, Name};
 
 /// Hop-by-hop fields (RFC 9110 §7.6.1 and the legacy ones), removed in both directions.
+const HOP_BY_HOP: [Name; 7] = [
+    Name::Connection,
+    Name::KeepAlive,
+    Name::Te,
+    Name::Trailer,
+    Name::TransferEncoding,
+    Name::Upgrade,
+    Name::ProxyConnection,
+];
+
 fn is_hop_by_hop(name: Name) -> bool {
-    matches!(
-        name,
-        Name::Connection
-            | Name::KeepAlive
-            | Name::Te
-            | Name::Trailer
-            | Name::TransferEncoding
-            | Name::Upgrade
-            | Name::ProxyConnection
-    )
+    HOP_BY_HOP.contains(&name)
 }
 
 /// Whether a request field never reaches the upstream, whatever `Connection` says: the
@@ -81,6 +82,11 @@ pub fn to_upstream(fields: &Fields, authorization: HeaderValue) -> HeaderMap {
 /// The fields to send to the client: the upstream's minus the hop-by-hop set, what its
 /// `Connection` lists, and `Proxy-Authenticate` (addressed to the proxy, not the client).
 pub fn to_client(mut fields: Fields) -> Fields {
+    // Nothing to remove (the usual answer): the fields as they are. (Names a `Connection`
+    // lists are removed only when there is a `Connection`, which is one of the set.)
+    if !fields.contains_any(&HOP_BY_HOP) && !fields.contains(Name::ProxyAuthenticate) {
+        return fields;
+    }
     // Owned, so the fields can be trimmed while they are in hand (allocates only when the
     // upstream sent a `Connection` listing names).
     let listed: Vec<Vec<u8>> = listed_in_connection(&fields)
@@ -182,5 +188,27 @@ mod tests {
             ]
         );
         assert_eq!(out.get_all("set-cookie").iter().count(), 2);
+    }
+
+    #[test]
+    fn each_removed_response_field_is_removed_alone() {
+        for name in [
+            "Connection",
+            "Keep-Alive",
+            "TE",
+            "Trailer",
+            "Transfer-Encoding",
+            "Upgrade",
+            "Proxy-Connection",
+            "Proxy-Authenticate",
+        ] {
+            let upstream = map(&[("Content-Type", "text/plain"), (name, "x")]);
+            let out = to_client(Fields::from_header_map(&upstream)).to_header_map();
+            assert_eq!(names(&out), ["content-type"], "{name}");
+        }
+        // Nothing to remove: the same fields, not a copy.
+        let clean = Fields::from_header_map(&map(&[("Content-Type", "text/plain")]));
+        let before = clean.head().as_ptr();
+        assert_eq!(to_client(clean).head().as_ptr(), before);
     }
 }
