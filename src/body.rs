@@ -140,6 +140,8 @@ pub struct UpstreamRequestBody {
     done: bool,
     /// Whether `sleep` runs from the last progress (armed lazily on the first `Pending`).
     armed: bool,
+    /// The client has been waited for since the last progress was noted.
+    waited: bool,
 }
 
 impl UpstreamRequestBody {
@@ -160,6 +162,7 @@ impl UpstreamRequestBody {
             dump,
             done: false,
             armed: false,
+            waited: false,
         }
     }
 
@@ -204,6 +207,7 @@ impl Body for UpstreamRequestBody {
                 }
                 this.state.touch();
                 this.armed = false;
+                this.waited = false;
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(_))) => {
@@ -211,13 +215,19 @@ impl Body for UpstreamRequestBody {
             }
             Poll::Ready(None) => {
                 this.done = true;
-                this.state.touch();
+                // The end, read in the same go as the last frame (the usual case, and
+                // always for a body of known length), is no later progress than that
+                // frame's, whose time is noted already.
+                if this.waited {
+                    this.state.touch();
+                }
                 if let Some(mut d) = this.dump.take() {
                     d.finish();
                 }
                 Poll::Ready(None)
             }
             Poll::Pending => {
+                this.waited = true;
                 let sleep = arm(&mut this.sleep, &mut this.armed, this.idle);
                 ready!(sleep.poll(cx));
                 this.fail(
