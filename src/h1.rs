@@ -213,13 +213,50 @@ pub struct RequestHead {
     /// The method.
     pub method: Method,
     /// The request target as sent.
-    pub uri: Uri,
+    pub target: Target,
     /// HTTP/1.0 or HTTP/1.1.
     pub version: Version,
     /// The header fields, validated, as sent.
     pub fields: Fields,
     /// A line of the head ended in a bare LF (a shape two parsers may read differently).
     pub bare_lf: bool,
+}
+
+/// A request target: `/v1/responses`, which nearly every request carries (held as a
+/// mark, nothing parsed, copied or moved), or any other, parsed and boxed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// `/v1/responses`, exactly.
+    Responses,
+    /// Any other valid target.
+    Other(Box<Uri>),
+}
+
+impl Target {
+    /// The target as a URI.
+    pub fn uri(&self) -> &Uri {
+        static RESPONSES: std::sync::LazyLock<Uri> =
+            std::sync::LazyLock::new(|| Uri::from_static(crate::gate::RESPONSES_PATH));
+        match self {
+            Self::Responses => &RESPONSES,
+            Self::Other(uri) => uri,
+        }
+    }
+
+    /// The target as sent, if it is one.
+    fn parse(target: &[u8]) -> Option<Self> {
+        if target == crate::gate::RESPONSES_PATH.as_bytes() {
+            return Some(Self::Responses);
+        }
+        Uri::try_from(target).ok().map(|u| Self::Other(Box::new(u)))
+    }
+}
+
+impl RequestHead {
+    /// The request target as a URI.
+    pub fn uri(&self) -> &Uri {
+        self.target.uri()
+    }
 }
 
 /// Why a request head cannot be served.
@@ -280,32 +317,21 @@ pub fn parse_request_head(
         _ => return Err(RequestHeadError::Malformed),
     };
     let head = buf.split_to(len).freeze();
-    // The target is copied (it is short): sharing the head's bytes would keep the
+    // Any other target is copied (it is short): sharing the head's bytes would keep the
     // connection's read buffer shared while the request is handled, and the next read
     // would then need a buffer of its own.
-    let uri = parse_target(&head[target.0..target.1]).ok_or(RequestHeadError::Malformed)?;
+    let target_kind =
+        Target::parse(&head[target.0..target.1]).ok_or(RequestHeadError::Malformed)?;
     let fields = Fields::attach(head, located).ok_or(RequestHeadError::Malformed)?;
     let bare_lf =
         !crlf_layout(fields.head(), method_at, target.1, &fields) && has_bare_lf(fields.head());
     Ok(Some(RequestHead {
         method,
-        uri,
+        target: target_kind,
         version,
         fields,
         bare_lf,
     }))
-}
-
-/// The request target as a URI. The target nearly every request carries is parsed once,
-/// not per request (parsing and copying it was about 3 % of the proxy's work per request);
-/// any other is parsed as sent.
-fn parse_target(target: &[u8]) -> Option<Uri> {
-    static RESPONSES: std::sync::LazyLock<Uri> =
-        std::sync::LazyLock::new(|| Uri::from_static(crate::gate::RESPONSES_PATH));
-    if target == crate::gate::RESPONSES_PATH.as_bytes() {
-        return Some(RESPONSES.clone());
-    }
-    Uri::try_from(target).ok()
 }
 
 /// Whether any line of `head` ends in a bare LF (an LF not preceded by CR).
@@ -878,7 +904,8 @@ mod tests {
             .expect("ok")
             .expect("complete");
         assert_eq!(head.method, Method::POST);
-        assert_eq!(head.uri, "/v1/responses");
+        assert_eq!(*head.uri(), "/v1/responses");
+        assert_eq!(head.target, Target::Responses);
         assert_eq!(head.version, Version::HTTP_11);
         assert_eq!(head.fields.occurs(Name::Host), Occurs::Once(b"127.0.0.1:9"));
         let x_a: Vec<_> = head
@@ -904,7 +931,31 @@ mod tests {
             .expect("ok")
             .expect("complete");
         assert_eq!(head.version, Version::HTTP_10);
-        assert_eq!(head.uri.path(), "/shutdown");
+        assert_eq!(head.uri().path(), "/shutdown");
+    }
+
+    #[test]
+    fn only_the_exact_responses_target_is_the_mark_the_rest_parse_as_sent() {
+        for target in [
+            "/v1/responses?stream=1",
+            "/v1/responses/",
+            "/V1/responses",
+            "//v1/responses",
+            "http://127.0.0.1:9/v1/responses",
+            "*",
+        ] {
+            let head = request(&format!("POST {target} HTTP/1.1\r\n\r\n"))
+                .expect("ok")
+                .expect("complete");
+            assert!(matches!(head.target, Target::Other(_)), "{target}");
+            assert_eq!(head.uri().to_string(), target);
+        }
+        let head = request("POST /v1/responses HTTP/1.1\r\n\r\n")
+            .expect("ok")
+            .expect("complete");
+        assert_eq!(head.target, Target::Responses);
+        assert_eq!(head.uri().path(), "/v1/responses");
+        assert!(head.uri().query().is_none() && head.uri().authority().is_none());
     }
 
     #[test]

@@ -148,7 +148,7 @@ impl Proxy {
         let start = Instant::now();
         let mut record = AccessRecord {
             method: head.method.clone(),
-            path: path_label(head.uri.path()),
+            path: path_label(head.uri().path()),
             ..AccessRecord::default()
         };
         let policy = GatePolicy {
@@ -156,7 +156,7 @@ impl Proxy {
             token: &self.token,
             http_shutdown: self.http_shutdown,
         };
-        match gate::check_head(&head.method, &head.uri, &head.fields, ambiguous, &policy) {
+        match gate::check_head(&head.method, head.uri(), &head.fields, ambiguous, &policy) {
             Err(refusal) => {
                 let body = error_body(refusal.message(), refusal.error_type(), refusal.code());
                 let mut reply =
@@ -238,7 +238,7 @@ impl Proxy {
         let (request_dump, slot) = match &self.dumper {
             Some(d) => {
                 let headers = head.fields.to_header_map();
-                let (req, slot) = d.begin(&head.method, &head.uri.to_string(), &headers);
+                let (req, slot) = d.begin(&head.method, &head.uri().to_string(), &headers);
                 (Some(req), Some(slot))
             }
             None => (None, None),

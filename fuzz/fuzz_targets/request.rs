@@ -20,7 +20,7 @@ fn shape(r: &Result<Option<RequestHead>, RequestHeadError>) -> String {
         Ok(Some(h)) => format!(
             "{} {} {:?} {} {:?}",
             h.method,
-            h.uri,
+            h.uri(),
             h.version,
             h.bare_lf,
             h.fields.iter().collect::<Vec<_>>()
