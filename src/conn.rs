@@ -446,9 +446,15 @@ pub async fn serve(stream: TcpStream, ctx: Arc<ConnContext>, mut drain: watch::R
             remaining,
             ended: remaining == Some(0),
         };
+        // Pinned where it is made: handing the (large) future to `select!` by value would
+        // copy it once more per request.
+        let handled = ctx
+            .proxy
+            .handle(&ctx.upstream, head, body, ambiguous, &mut timer);
+        let handling = std::pin::pin!(handled);
         let resp = tokio::select! {
             biased;
-            resp = ctx.proxy.handle(&ctx.upstream, head, body, ambiguous, &mut timer) => resp,
+            resp = handling => resp,
             () = client_gone(&shared, read_ahead) => return,
         };
         {

@@ -178,9 +178,9 @@ impl Proxy {
                     start,
                     logger: self.logger,
                 };
-                let reply = self
-                    .forward(upstream, head, body, start, record, timer)
-                    .await;
+                // Pinned where it is made (awaited by value, it is copied once more).
+                let reply =
+                    std::pin::pin!(self.forward(upstream, head, body, start, record, timer)).await;
                 pending.record = None;
                 reply
             }

@@ -337,7 +337,9 @@ impl Upstream {
                 })
             }
             Transport::H1(pool) => {
-                let (status, fields, body) = pool.send(fields, authorization, body).await?;
+                // Pinned where it is made (awaited by value, it is copied once more).
+                let (status, fields, body) =
+                    std::pin::pin!(pool.send(fields, authorization, body)).await?;
                 Ok(UpstreamResponse {
                     status,
                     fields,

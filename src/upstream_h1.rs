@@ -481,7 +481,8 @@ where
         rest,
         chunked,
     } = request;
-    let writer = async {
+    // Both pinned where they are made (moving them into place would copy them).
+    let mut writer = std::pin::pin!(async {
         write_parts(&mut wr, &[&head, &data, tail])
             .await
             .map_err(H1Failure::Io)?;
@@ -492,9 +493,8 @@ where
         }
         // TLS may hold the last records back; TCP has nothing to flush.
         wr.flush().await.map_err(H1Failure::Io)
-    };
-    let reader = read_head(&mut rd, buf, size);
-    tokio::pin!(writer, reader);
+    });
+    let mut reader = std::pin::pin!(read_head(&mut rd, buf, size));
     let mut sent = false;
     let mut write_error = None;
     let head_in = loop {
