@@ -537,3 +537,28 @@ async fn the_end_of_a_body_that_comes_late_restarts_the_upstream_idle_clock() {
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     assert_eq!(body, b"{\"n\":2}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_an_idle_kept_alive_connection_at_once() {
+    // A client that keeps its connection open between requests must not hold the proxy's
+    // shutdown for the grace period: the idle connection is closed when draining starts.
+    let up = MockUpstream::plain(|_| Reply::json(200, "{}")).await;
+    let mut p = start_proxy(&["--upstream-url", &up.url(), "--shutdown-grace", "20s"]);
+    let mut s = connect(&p).await;
+    let mut buf = Vec::new();
+    s.write_all(head(&p, &p.token, "content-length: 2\r\n\r\n{}").as_bytes())
+        .await
+        .expect("write");
+    let (status, _, _) = read_response(&mut s, &mut buf).await;
+    assert_eq!(status, 200);
+    let t0 = std::time::Instant::now();
+    p.signal("TERM");
+    let mut rest = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read(&mut rest))
+        .await
+        .expect("the idle connection was not closed at shutdown");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    let st = p.wait_exit(Duration::from_secs(5));
+    assert_eq!(st.code(), Some(0));
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+}
