@@ -390,7 +390,7 @@ const MALFORMED: HeadEnd = HeadEnd::Refuse(
 );
 
 /// Serves one connection until it closes.
-pub async fn serve(stream: TcpStream, ctx: Arc<ConnContext>, mut drain: watch::Receiver<bool>) {
+pub async fn serve(stream: TcpStream, ctx: Arc<ConnContext>, drain: watch::Receiver<bool>) {
     let (read, write) = stream.into_split();
     let shared = Arc::new(Shared {
         write,
@@ -408,8 +408,19 @@ pub async fn serve(stream: TcpStream, ctx: Arc<ConnContext>, mut drain: watch::R
     });
     let read_ahead = ctx.limits.max_header_size.saturating_add(READ_AHEAD);
     let mut timer = WaitTimer::default();
+    // One wait for the start of draining, kept for the connection's life and polled by
+    // each head wait (one made and dropped per request took the channel's lock twice).
+    // Once it is over the connection ends, so it is never polled again.
+    let mut draining = {
+        let mut drain = drain.clone();
+        std::pin::pin!(async move {
+            let _ = drain.changed().await;
+        })
+    };
     loop {
-        let head = match read_head(&shared, &ctx.limits, &mut drain, &mut timer).await {
+        let head = match read_head(&shared, &ctx.limits, &drain, draining.as_mut(), &mut timer)
+            .await
+        {
             Ok(head) => head,
             Err(HeadEnd::Quiet) => return,
             Err(HeadEnd::Refuse(status, code, message)) => {
@@ -504,7 +515,8 @@ pub async fn serve(stream: TcpStream, ctx: Arc<ConnContext>, mut drain: watch::R
 async fn read_head(
     shared: &Shared,
     limits: &ServerLimits,
-    drain: &mut watch::Receiver<bool>,
+    drain: &watch::Receiver<bool>,
+    mut draining: Pin<&mut impl Future<Output = ()>>,
     timer: &mut WaitTimer,
 ) -> Result<RequestHead, HeadEnd> {
     // Where the last parse attempt stopped: a head can only be complete once a line feed
@@ -558,7 +570,7 @@ async fn read_head(
                     HeadEnd::Quiet
                 });
             }
-            _ = drain.changed(), if !started => return Err(HeadEnd::Quiet),
+            () = draining.as_mut(), if !started => return Err(HeadEnd::Quiet),
         };
         match read {
             Ok(0) | Err(_) => return Err(HeadEnd::Quiet),
