@@ -53,6 +53,11 @@ const LINGER_BYTES: usize = 1 << 20;
 /// Response body chunks up to this size are copied next to the head or the chunk framing
 /// and go out in one write; larger ones are written from where they are.
 const COPY_LIMIT: usize = 16 << 10;
+/// The response writer's buffer (head, chunk framing, small body chunks): its first size,
+/// and the most it keeps between responses (a larger one, grown for a stream, is freed so
+/// that an idle kept-alive connection holds little).
+const OUT_FIRST: usize = 2 << 10;
+const OUT_KEEP: usize = 4 << 10;
 const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
 /// The one timer of a connection, reused by each wait that needs one in turn (the next
@@ -408,6 +413,9 @@ pub async fn serve(stream: TcpStream, ctx: Arc<ConnContext>, drain: watch::Recei
     });
     let read_ahead = ctx.limits.max_header_size.saturating_add(READ_AHEAD);
     let mut timer = WaitTimer::default();
+    // Kept from one response to the next (one allocation and wipe less per request). It
+    // holds only what the client is sent: heads and body bytes as written, after masking.
+    let mut out = Vec::new();
     // One wait for the start of draining, kept for the connection's life and polled by
     // each head wait (one made and dropped per request took the channel's lock twice).
     // Once it is over the connection ends, so it is never polled again.
@@ -418,20 +426,20 @@ pub async fn serve(stream: TcpStream, ctx: Arc<ConnContext>, drain: watch::Recei
         })
     };
     loop {
-        let head = match read_head(&shared, &ctx.limits, &drain, draining.as_mut(), &mut timer)
-            .await
-        {
-            Ok(head) => head,
-            Err(HeadEnd::Quiet) => return,
-            Err(HeadEnd::Refuse(status, code, message)) => {
-                ctx.proxy.log_refused_head(status, code);
-                let body = error_body(message, "invalid_request_error", code);
-                let resp = json_response(status, body);
-                let _ = write_response(&shared, resp, ResponseFraming::Length(0), true, 0).await;
-                linger(&shared).await;
-                return;
-            }
-        };
+        let head =
+            match read_head(&shared, &ctx.limits, &drain, draining.as_mut(), &mut timer).await {
+                Ok(head) => head,
+                Err(HeadEnd::Quiet) => return,
+                Err(HeadEnd::Refuse(status, code, message)) => {
+                    ctx.proxy.log_refused_head(status, code);
+                    let body = error_body(message, "invalid_request_error", code);
+                    let resp = json_response(status, body);
+                    let framing = ResponseFraming::Length(0);
+                    let _ = write_response(&shared, &mut out, resp, framing, true, 0).await;
+                    linger(&shared).await;
+                    return;
+                }
+            };
         let framing = h1::request_framing(&head.fields, head.version);
         let ambiguous = head.bare_lf || framing == RequestFraming::Invalid;
         let mut keep_alive = h1::request_keeps_alive(&head) && !ambiguous;
@@ -496,7 +504,11 @@ pub async fn serve(stream: TcpStream, ctx: Arc<ConnContext>, drain: watch::Recei
             keep_alive = false;
             ResponseFraming::UntilClose
         };
-        let complete = write_response(&shared, resp, framing, !keep_alive, read_ahead).await;
+        let complete =
+            write_response(&shared, &mut out, resp, framing, !keep_alive, read_ahead).await;
+        if out.capacity() > OUT_KEEP {
+            out = Vec::new();
+        }
         match complete {
             Ok(true) if keep_alive && shared.lock().body == BodyRead::Done => {}
             Ok(true) => {
@@ -583,6 +595,7 @@ async fn read_head(
 /// off or the client went away, and the connection must close at once.
 async fn write_response(
     shared: &Shared,
+    out: &mut Vec<u8>,
     resp: Reply,
     framing: ResponseFraming,
     close: bool,
@@ -601,12 +614,13 @@ async fn write_response(
         }
         (f, _) => f,
     };
-    let mut out = Vec::with_capacity(1024);
-    h1::encode_response_head(&mut out, status, &fields, framing, close);
+    out.clear();
+    out.reserve(OUT_FIRST);
+    h1::encode_response_head(out, status, &fields, framing, close);
     drop(fields);
     let (limit, chunked) = match framing {
         ResponseFraming::NoBody(_) => {
-            shared.write_all(&[&out]).await?;
+            shared.write_all(&[&out[..]]).await?;
             return Ok(true);
         }
         ResponseFraming::Length(n) => (Some(n), false),
@@ -618,7 +632,7 @@ async fn write_response(
         if limit == Some(sent) {
             // Everything declared has been sent; the body is dropped (its end, if still to
             // come, is read by the body itself).
-            shared.write_all(&[&out]).await?;
+            shared.write_all(&[&out[..]]).await?;
             return Ok(true);
         }
         let frame = if out.is_empty() {
@@ -639,7 +653,7 @@ async fn write_response(
             match polled {
                 Some(f) => f,
                 None => {
-                    shared.write_all(&[&out]).await?;
+                    shared.write_all(&[&out[..]]).await?;
                     out.clear();
                     continue;
                 }
@@ -659,39 +673,39 @@ async fn write_response(
                     if data.len() > room {
                         // More than the declared length: send what was declared, then close.
                         data.truncate(room);
-                        shared.write_all(&[&out, &data]).await?;
+                        shared.write_all(&[&out[..], &data]).await?;
                         return Ok(false);
                     }
                 }
                 sent += data.len() as u64;
                 if chunked {
-                    h1::push_chunk_size(&mut out, data.len());
+                    h1::push_chunk_size(out, data.len());
                 }
                 let tail: &[u8] = if chunked { b"\r\n" } else { b"" };
                 if data.len() <= COPY_LIMIT {
                     out.extend_from_slice(&data);
                     out.extend_from_slice(tail);
                 } else {
-                    shared.write_all(&[&out, &data, tail]).await?;
+                    shared.write_all(&[&out[..], &data, tail]).await?;
                     out.clear();
                 }
             }
             Some(Err(_)) => {
                 // The upstream broke off: pass on what came, then close without the end.
                 if !out.is_empty() {
-                    let _ = shared.write_all(&[&out]).await;
+                    let _ = shared.write_all(&[&out[..]]).await;
                 }
                 return Ok(false);
             }
             None => {
                 if limit.is_some_and(|n| sent < n) {
-                    let _ = shared.write_all(&[&out]).await;
+                    let _ = shared.write_all(&[&out[..]]).await;
                     return Ok(false);
                 }
                 if chunked {
                     out.extend_from_slice(b"0\r\n\r\n");
                 }
-                shared.write_all(&[&out]).await?;
+                shared.write_all(&[&out[..]]).await?;
                 return Ok(true);
             }
         }

@@ -166,18 +166,30 @@ pub(crate) fn push_chunk_size(out: &mut Vec<u8>, n: usize) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// Appends `n` in decimal (a `Content-Length` value) without allocating.
+/// Appends `n` in decimal (a `Content-Length` value) without allocating, two digits per
+/// division.
 fn push_decimal(out: &mut Vec<u8>, n: u64) {
+    const PAIRS: &[u8; 200] = b"0001020304050607080910111213141516171819\
+        2021222324252627282930313233343536373839\
+        4041424344454647484950515253545556575859\
+        6061626364656667686970717273747576777879\
+        8081828384858687888990919293949596979899";
     let mut digits = [0u8; 20];
     let mut at = digits.len();
     let mut rest = n;
-    loop {
+    while rest >= 100 {
+        let pair = (rest % 100) as usize * 2;
+        rest /= 100;
+        at -= 2;
+        digits[at..at + 2].copy_from_slice(&PAIRS[pair..pair + 2]);
+    }
+    if rest >= 10 {
+        let pair = rest as usize * 2;
+        at -= 2;
+        digits[at..at + 2].copy_from_slice(&PAIRS[pair..pair + 2]);
+    } else {
         at -= 1;
-        digits[at] = b'0' + (rest % 10) as u8;
-        rest /= 10;
-        if rest == 0 {
-            break;
-        }
+        digits[at] = b'0' + rest as u8;
     }
     out.extend_from_slice(&digits[at..]);
 }
@@ -717,7 +729,9 @@ mod tests {
             push_chunk_size(&mut out, n);
             assert_eq!(String::from_utf8_lossy(&out), want);
         }
-        for n in [0u64, 7, 10, 99, 1024, 8 << 20, u64::MAX] {
+        let powers = (0..20).map(|k| 10u64.pow(k));
+        let edges = powers.flat_map(|p| [p - 1, p, p + 1, p.saturating_mul(5).saturating_add(3)]);
+        for n in edges.chain([1024, 8 << 20, 12_345_678_901, u64::MAX - 1, u64::MAX]) {
             let mut out = b"x".to_vec();
             push_decimal(&mut out, n);
             assert_eq!(out, format!("x{n}").into_bytes());
