@@ -497,16 +497,20 @@ where
     let mut reader = std::pin::pin!(read_head(&mut rd, buf, size));
     let mut sent = false;
     let mut write_error = None;
+    // The writer first: a request usually goes out whole in its first poll, and the reader
+    // then waits once for the answer instead of being polled before and after the write.
+    // Whenever the writer waits (a body still coming, an upstream not reading) or is done,
+    // the reader is polled in the same round, so an early answer is still taken at once.
     let head_in = loop {
         tokio::select! {
             biased;
-            r = &mut reader => break r,
             w = &mut writer, if !sent && write_error.is_none() => match w {
                 Ok(()) => sent = true,
                 Err(e @ H1Failure::Body(_)) => return Err(e),
                 // The upstream may have answered and closed: read what it sent.
                 Err(e) => write_error = Some(e),
             },
+            r = &mut reader => break r,
         }
     };
     match (head_in, write_error) {
