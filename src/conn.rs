@@ -67,34 +67,67 @@ const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 /// [`WaitTimer::poll_until`] then checks the clock and moves it on: it is ready only once
 /// the deadline has passed.
 #[derive(Default)]
-pub struct WaitTimer(Option<Pin<Box<Sleep>>>);
+pub struct WaitTimer {
+    sleep: Option<Pin<Box<Sleep>>>,
+    /// The waker the timer holds, when it is known to hold one: it was polled with it and
+    /// has since neither fired nor been moved. Polling it again with the same waker would
+    /// only register that waker again, so it is not polled until it fires.
+    holds: Option<Waker>,
+}
 
 impl WaitTimer {
     /// `Ready` once `at` has passed; otherwise the task is woken at `at` or before.
     pub fn poll_until(&mut self, at: Instant, cx: &mut Context<'_>) -> Poll<()> {
-        let sleep = match &mut self.0 {
+        let sleep = match &mut self.sleep {
             Some(s) => {
                 if s.deadline() > at {
                     s.as_mut().reset(at);
+                    self.holds = None;
                 }
                 s
             }
-            None => self.0.insert(Box::pin(tokio::time::sleep_until(at))),
+            None => self.sleep.insert(Box::pin(tokio::time::sleep_until(at))),
         };
-        ready!(sleep.as_mut().poll(cx));
+        // (A timer that has fired is no longer registered, so it is polled below.)
+        if let Some(w) = &self.holds
+            && w.will_wake(cx.waker())
+            && !sleep.is_elapsed()
+        {
+            return Poll::Pending;
+        }
+        self.holds = None;
+        if poll_registering(sleep.as_mut(), cx, &mut self.holds).is_pending() {
+            return Poll::Pending;
+        }
         if Instant::now() >= at {
             return Poll::Ready(());
         }
         // Fired for an earlier deadline: moved to this one, which is still ahead, so the
         // poll below registers the task and waits.
         sleep.as_mut().reset(at);
-        sleep.as_mut().poll(cx)
+        poll_registering(sleep.as_mut(), cx, &mut self.holds)
     }
 
     /// Waits until `at` has passed.
     pub async fn until(&mut self, at: Instant) {
         std::future::poll_fn(|cx| self.poll_until(at, cx)).await;
     }
+}
+
+/// Polls `sleep`; when it is pending, notes in `holds` the waker it now holds. Only when
+/// the task had budget left: a poll refused for want of budget (tokio's cooperative
+/// scheduling) registers nothing, and the timer must then be polled again.
+fn poll_registering(
+    sleep: Pin<&mut Sleep>,
+    cx: &mut Context<'_>,
+    holds: &mut Option<Waker>,
+) -> Poll<()> {
+    let budget = tokio::task::coop::has_budget_remaining();
+    let polled = sleep.poll(cx);
+    if polled.is_pending() && budget {
+        *holds = Some(cx.waker().clone());
+    }
+    polled
 }
 
 /// Where the connection is in the current request's body.
@@ -760,14 +793,46 @@ mod tests {
             let t0 = Instant::now();
             let mut timer = WaitTimer::default();
             // Armed for a first wait; it fires at its deadline.
-            timer.until(t0 + Duration::from_millis(40)).await;
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                timer.until(t0 + Duration::from_millis(40)),
+            )
+            .await
+            .expect("never fired");
             assert!(t0.elapsed() >= Duration::from_millis(40));
             // The next wait has a later deadline: the timer (already fired) must be moved
             // on, not taken as the end of this wait.
             let later = Instant::now() + Duration::from_millis(150);
             assert!(!ready_now(&mut timer, later), "ready 150 ms early");
-            timer.until(later).await;
+            tokio::time::timeout(Duration::from_secs(10), timer.until(later))
+                .await
+                .expect("never fired after being moved on");
             assert!(Instant::now() >= later, "ready before its deadline");
+        });
+    }
+
+    #[test]
+    fn a_timer_first_polled_when_the_task_is_out_of_budget_still_fires() {
+        runtime().block_on(async {
+            let mut timer = WaitTimer::default();
+            let at = Instant::now() + Duration::from_millis(30);
+            std::future::poll_fn(|cx| {
+                // Spend the task's budget (tokio's cooperative scheduling), then poll the
+                // timer in the same poll: tokio refuses that poll, registering nothing.
+                let mut spent = 0;
+                while let Poll::Ready(r) = tokio::task::coop::poll_proceed(cx) {
+                    r.made_progress();
+                    spent += 1;
+                    assert!(spent < 10_000, "the budget never ran out");
+                }
+                assert!(timer.poll_until(at, cx).is_pending());
+                Poll::Ready(())
+            })
+            .await;
+            tokio::time::timeout(Duration::from_secs(3), timer.until(at))
+                .await
+                .expect("the timer was taken as registered and never fired");
+            assert!(Instant::now() >= at);
         });
     }
 
