@@ -114,20 +114,42 @@ impl WaitTimer {
     }
 }
 
-/// Polls `sleep`; when it is pending, notes in `holds` the waker it now holds. Only when
-/// the task had budget left: a poll refused for want of budget (tokio's cooperative
-/// scheduling) registers nothing, and the timer must then be polled again.
-fn poll_registering(
-    sleep: Pin<&mut Sleep>,
+/// Polls `wait` (a timer or a watch); when it is pending, notes in `holds` the waker it now
+/// holds. Only when the task had budget left: a poll refused for want of budget (tokio's
+/// cooperative scheduling) registers nothing, and the wait must then be polled again.
+fn poll_registering<F: Future>(
+    wait: Pin<&mut F>,
     cx: &mut Context<'_>,
     holds: &mut Option<Waker>,
-) -> Poll<()> {
+) -> Poll<F::Output> {
     let budget = tokio::task::coop::has_budget_remaining();
-    let polled = sleep.poll(cx);
+    let polled = wait.poll(cx);
     if polled.is_pending() && budget {
         *holds = Some(cx.waker().clone());
     }
     polled
+}
+
+/// A connection's wait for the start of draining, made once and polled by each head wait.
+/// Like [`WaitTimer`], it is not polled again while it holds the task's waker: only once
+/// the watch has changed (or from another task).
+struct DrainWait<'a, F> {
+    wait: Pin<&'a mut F>,
+    holds: Option<Waker>,
+}
+
+impl<F: Future<Output = ()>> DrainWait<'_, F> {
+    /// `Ready` once draining has started; `drain` is the watch `wait` waits on.
+    fn poll_wait(&mut self, drain: &watch::Receiver<bool>, cx: &mut Context<'_>) -> Poll<()> {
+        if let Some(w) = &self.holds
+            && w.will_wake(cx.waker())
+            && matches!(drain.has_changed(), Ok(false))
+        {
+            return Poll::Pending;
+        }
+        self.holds = None;
+        poll_registering(self.wait.as_mut(), cx, &mut self.holds)
+    }
 }
 
 /// Where the connection is in the current request's body.
@@ -452,27 +474,29 @@ pub async fn serve(stream: TcpStream, ctx: Arc<ConnContext>, drain: watch::Recei
     // One wait for the start of draining, kept for the connection's life and polled by
     // each head wait (one made and dropped per request took the channel's lock twice).
     // Once it is over the connection ends, so it is never polled again.
-    let mut draining = {
-        let mut drain = drain.clone();
-        std::pin::pin!(async move {
-            let _ = drain.changed().await;
-        })
+    let mut draining = DrainWait {
+        wait: {
+            let mut drain = drain.clone();
+            std::pin::pin!(async move {
+                let _ = drain.changed().await;
+            })
+        },
+        holds: None,
     };
     loop {
-        let head =
-            match read_head(&shared, &ctx.limits, &drain, draining.as_mut(), &mut timer).await {
-                Ok(head) => head,
-                Err(HeadEnd::Quiet) => return,
-                Err(HeadEnd::Refuse(status, code, message)) => {
-                    ctx.proxy.log_refused_head(status, code);
-                    let body = error_body(message, "invalid_request_error", code);
-                    let resp = json_response(status, body);
-                    let framing = ResponseFraming::Length(0);
-                    let _ = write_response(&shared, &mut out, resp, framing, true, 0).await;
-                    linger(&shared).await;
-                    return;
-                }
-            };
+        let head = match read_head(&shared, &ctx.limits, &drain, &mut draining, &mut timer).await {
+            Ok(head) => head,
+            Err(HeadEnd::Quiet) => return,
+            Err(HeadEnd::Refuse(status, code, message)) => {
+                ctx.proxy.log_refused_head(status, code);
+                let body = error_body(message, "invalid_request_error", code);
+                let resp = json_response(status, body);
+                let framing = ResponseFraming::Length(0);
+                let _ = write_response(&shared, &mut out, resp, framing, true, 0).await;
+                linger(&shared).await;
+                return;
+            }
+        };
         let framing = h1::request_framing(&head.fields, head.version);
         let ambiguous = head.bare_lf || framing == RequestFraming::Invalid;
         let mut keep_alive = h1::request_keeps_alive(&head) && !ambiguous;
@@ -561,7 +585,7 @@ async fn read_head(
     shared: &Shared,
     limits: &ServerLimits,
     drain: &watch::Receiver<bool>,
-    mut draining: Pin<&mut impl Future<Output = ()>>,
+    draining: &mut DrainWait<'_, impl Future<Output = ()>>,
     timer: &mut WaitTimer,
 ) -> Result<RequestHead, HeadEnd> {
     // Where the last parse attempt stopped: a head can only be complete once a line feed
@@ -615,7 +639,9 @@ async fn read_head(
                     HeadEnd::Quiet
                 });
             }
-            () = draining.as_mut(), if !started => return Err(HeadEnd::Quiet),
+            () = std::future::poll_fn(|cx| draining.poll_wait(drain, cx)), if !started => {
+                return Err(HeadEnd::Quiet);
+            }
         };
         match read {
             Ok(0) | Err(_) => return Err(HeadEnd::Quiet),
@@ -787,6 +813,17 @@ mod tests {
         timer.poll_until(at, &mut cx).is_ready()
     }
 
+    /// Spends the task's budget (tokio's cooperative scheduling): a timer or watch polled
+    /// after this in the same poll is refused and registers nothing.
+    fn spend_budget(cx: &mut Context<'_>) {
+        let mut spent = 0;
+        while let Poll::Ready(r) = tokio::task::coop::poll_proceed(cx) {
+            r.made_progress();
+            spent += 1;
+            assert!(spent < 10_000, "the budget never ran out");
+        }
+    }
+
     #[test]
     fn a_timer_left_at_an_earlier_deadline_is_never_ready_before_the_later_one() {
         runtime().block_on(async {
@@ -819,12 +856,7 @@ mod tests {
             std::future::poll_fn(|cx| {
                 // Spend the task's budget (tokio's cooperative scheduling), then poll the
                 // timer in the same poll: tokio refuses that poll, registering nothing.
-                let mut spent = 0;
-                while let Poll::Ready(r) = tokio::task::coop::poll_proceed(cx) {
-                    r.made_progress();
-                    spent += 1;
-                    assert!(spent < 10_000, "the budget never ran out");
-                }
+                spend_budget(cx);
                 assert!(timer.poll_until(at, cx).is_pending());
                 Poll::Ready(())
             })
@@ -833,6 +865,41 @@ mod tests {
                 .await
                 .expect("the timer was taken as registered and never fired");
             assert!(Instant::now() >= at);
+        });
+    }
+
+    #[test]
+    fn a_drain_wait_first_polled_when_the_task_is_out_of_budget_still_ends() {
+        runtime().block_on(async {
+            let (tx, rx) = watch::channel(false);
+            let mut inner = rx.clone();
+            let mut draining = DrainWait {
+                wait: std::pin::pin!(async move {
+                    let _ = inner.changed().await;
+                }),
+                holds: None,
+            };
+            std::future::poll_fn(|cx| {
+                spend_budget(cx);
+                assert!(draining.poll_wait(&rx, cx).is_pending());
+                Poll::Ready(())
+            })
+            .await;
+            // The change, from another thread, must wake this task: the wait must have
+            // registered it after all.
+            let changer = std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(20));
+                tx.send_replace(true);
+            });
+            let t0 = Instant::now();
+            let polled = std::future::poll_fn(|cx| draining.poll_wait(&rx, cx));
+            let ended = tokio::time::timeout(Duration::from_secs(3), polled).await;
+            changer.join().expect("changer");
+            // (Checked by the clock: the timeout polls the wait once more when it expires.)
+            assert!(
+                ended.is_ok() && t0.elapsed() < Duration::from_secs(2),
+                "the wait was taken as registered and not woken by the change"
+            );
         });
     }
 
