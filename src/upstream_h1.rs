@@ -106,18 +106,18 @@ impl Wire {
     /// since its last response, not even its end. A TLS connection may receive records
     /// that carry no data (a session ticket); those are taken in and it stays usable.
     fn still_idle(&mut self) -> bool {
-        let mut cx = Context::from_waker(Waker::noop());
         match self {
             Wire::Plain(s) => {
-                // No readiness since the last (short) read: nothing arrived, not even a FIN.
-                if s.poll_read_ready(&mut cx).is_pending() {
-                    return true;
-                }
+                // No readiness since the last (short) read: nothing arrived, not even a FIN,
+                // and `try_read` says so without a system call (and, unlike a poll, without
+                // registering a waker). Otherwise it reads: the end, or bytes nobody asked
+                // for, and the connection is not reusable; `EAGAIN` (a stale readiness), and
+                // it is.
                 let mut probe = [0u8; 1];
-                // Closed by the upstream, or bytes nobody asked for: not reusable.
                 matches!(s.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
             }
             Wire::Tls(t) => {
+                let mut cx = Context::from_waker(Waker::noop());
                 let (tcp, tls) = t.get_ref();
                 // Nothing new on the socket and nothing waiting inside rustls.
                 if tcp.poll_read_ready(&mut cx).is_pending() && tls.wants_read() {
