@@ -54,10 +54,9 @@ const LINGER_BYTES: usize = 1 << 20;
 /// and go out in one write; larger ones are written from where they are.
 const COPY_LIMIT: usize = 16 << 10;
 /// The response writer's buffer (head, chunk framing, small body chunks): its first size,
-/// and the most it keeps between responses (a larger one, grown for a stream, is freed so
-/// that an idle kept-alive connection holds little).
-const OUT_FIRST: usize = 2 << 10;
-const OUT_KEEP: usize = 4 << 10;
+/// and the most it keeps between responses (one grown past it, for a stream or a large
+/// head, is freed, so an idle kept-alive connection holds at most this much more).
+const OUT_SIZE: usize = 2 << 10;
 const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
 /// The one timer of a connection, reused by each wait that needs one in turn (the next
@@ -563,7 +562,7 @@ pub async fn serve(stream: TcpStream, ctx: Arc<ConnContext>, drain: watch::Recei
         };
         let complete =
             write_response(&shared, &mut out, resp, framing, !keep_alive, read_ahead).await;
-        if out.capacity() > OUT_KEEP {
+        if out.capacity() > OUT_SIZE {
             out = Vec::new();
         }
         match complete {
@@ -674,7 +673,7 @@ async fn write_response(
         (f, _) => f,
     };
     out.clear();
-    out.reserve(OUT_FIRST);
+    out.reserve(OUT_SIZE);
     h1::encode_response_head(out, status, &fields, framing, close);
     drop(fields);
     let (limit, chunked) = match framing {
