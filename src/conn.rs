@@ -562,9 +562,7 @@ pub async fn serve(stream: TcpStream, ctx: Arc<ConnContext>, drain: watch::Recei
         };
         let complete =
             write_response(&shared, &mut out, resp, framing, !keep_alive, read_ahead).await;
-        if out.capacity() > OUT_SIZE {
-            out = Vec::new();
-        }
+        keep_or_free(&mut out);
         match complete {
             Ok(true) if keep_alive && shared.lock().body == BodyRead::Done => {}
             Ok(true) => {
@@ -672,8 +670,7 @@ async fn write_response(
         }
         (f, _) => f,
     };
-    out.clear();
-    out.reserve(OUT_SIZE);
+    make_ready(out);
     h1::encode_response_head(out, status, &fields, framing, close);
     drop(fields);
     let (limit, chunked) = match framing {
@@ -770,6 +767,20 @@ async fn write_response(
     }
 }
 
+/// The response writer's buffer, emptied, with room for a head and a small body.
+fn make_ready(out: &mut Vec<u8>) {
+    out.clear();
+    out.reserve(OUT_SIZE);
+}
+
+/// After a response: the writer's buffer is kept for the next one, unless a stream or a
+/// large head grew it past its first size (an idle connection then holds none).
+fn keep_or_free(out: &mut Vec<u8>) {
+    if out.capacity() > OUT_SIZE {
+        *out = Vec::new();
+    }
+}
+
 /// Ends the connection: the proxy stops sending, then reads and discards what the client
 /// still sends (bounded in time and bytes) so that closing does not reset the connection
 /// before the client has read the answer.
@@ -821,6 +832,23 @@ mod tests {
             spent += 1;
             assert!(spent < 10_000, "the budget never ran out");
         }
+    }
+
+    #[test]
+    fn the_response_buffer_is_kept_at_its_first_size_and_freed_when_grown() {
+        let mut out = Vec::new();
+        make_ready(&mut out);
+        out.extend_from_slice(b"HTTP/1.1 200 OK\r\n\r\n");
+        keep_or_free(&mut out);
+        assert_eq!(out.capacity(), OUT_SIZE, "a first-size buffer is kept");
+        make_ready(&mut out);
+        assert!(
+            out.is_empty() && out.capacity() == OUT_SIZE,
+            "reused, emptied"
+        );
+        out.extend_from_slice(&[b'x'; OUT_SIZE + 1]);
+        keep_or_free(&mut out);
+        assert_eq!(out.capacity(), 0, "a grown buffer is freed");
     }
 
     #[test]
