@@ -281,8 +281,16 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "h" => Duration::from_secs(n.saturating_mul(3600)),
         _ => return Err(format!("`{s}` has an unknown unit: use ms, s, m or h")),
     };
+    // Every wait is a deadline of now plus the duration: an absurd one would not be
+    // representable (each connection would fail on its first wait), and none is useful.
+    if d > MAX_DURATION {
+        return Err(format!("`{s}` is longer than a year: use at most 8760h"));
+    }
     Ok(d)
 }
+
+/// The longest duration a flag takes: a year.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Parses a size: a number with an optional unit `B`, `KiB`/`K`, `MiB`/`M`, `GiB`/`G`
 /// (powers of 1024).
@@ -434,6 +442,11 @@ mod tests {
         assert!(parse_duration("-1s").is_err());
         assert!(parse_duration("1d").is_err());
         assert!(parse_duration("1.5s").is_err());
+        assert_eq!(parse_duration("8760h"), Ok(MAX_DURATION));
+        for too_long in ["8761h", "525601m", "31536001s", "18446744073709551615s"] {
+            let err = parse_duration(too_long).expect_err(too_long);
+            assert!(err.contains("at most 8760h"), "{too_long}: {err}");
+        }
         assert_eq!(parse_size("64MiB"), Ok(64 << 20));
         assert_eq!(parse_size("16M"), Ok(16 << 20));
         assert_eq!(parse_size("64KiB"), Ok(64 << 10));

@@ -50,6 +50,10 @@ fn bad_flags_exit_2_without_reading_the_key() {
         (&["--upstream-url", "not a url"], "absolute"),
         (&["--max-request-body", "lots"], "size"),
         (&["--upstream-idle-timeout", "0s"], "greater than zero"),
+        (
+            &["--header-read-timeout", "18446744073709551615s"],
+            "at most 8760h",
+        ),
         (&["--log-format", "xml"], "--log-format"),
         (
             &["--worker-threads", "0"],
