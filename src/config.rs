@@ -19,7 +19,14 @@ pub const DEFAULT_WORKERS: usize = 2;
 /// `POST /v1/responses` from clients that present the per-launch proxy token, adding
 /// `Authorization: Bearer <key>`.
 #[derive(Debug, Parser)]
-#[command(name = "responses-api-proxy", version, about, long_about = None)]
+#[command(
+    name = "responses-api-proxy",
+    version,
+    about,
+    long_about = None,
+    after_help = "Durations: a number with ms, s, m or h (a bare number is seconds), at most 8760h. \
+                  Sizes: a number with B, KiB, MiB or GiB (a bare number is bytes)."
+)]
 pub struct Args {
     /// Port to listen on (127.0.0.1); an ephemeral port when omitted.
     #[arg(long)]

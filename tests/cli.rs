@@ -24,6 +24,10 @@ fn help_and_version_exit_zero() {
     ] {
         assert!(out.contains(flag), "{flag} missing from --help");
     }
+    assert!(
+        out.contains("at most 8760h"),
+        "the duration bound missing from --help"
+    );
     let (code, out) = run_to_exit(&["--version"], b"");
     assert_eq!(code, Some(0));
     assert!(out.contains(env!("CARGO_PKG_VERSION")));
