@@ -75,7 +75,7 @@ pub struct Args {
     #[arg(long, value_name = "SIZE", default_value = "64KiB", value_parser = parse_size)]
     pub max_header_size: u64,
 
-    /// Most client connections open at once (503 above it).
+    /// Most client connections open at once (503 above it); at most 1048576.
     #[arg(long, value_name = "N", default_value_t = 1024)]
     pub max_connections: usize,
 
@@ -296,6 +296,10 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// The most connections `--max-connections` allows: Linux's default limit on the file
+/// descriptors of one process (`fs.nr_open`).
+pub const MAX_CONNECTIONS: usize = 1 << 20;
+
 /// The longest duration a flag takes: a year.
 const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
@@ -340,6 +344,14 @@ impl Config {
         };
         if args.max_connections == 0 {
             return Err(ConfigError::Zero("--max-connections"));
+        }
+        // Each connection holds a file descriptor; Linux allows a process at most
+        // `fs.nr_open` of them, 1048576 unless raised. (Far larger values also overflow
+        // the connection cap's semaphore.)
+        if args.max_connections > MAX_CONNECTIONS {
+            return Err(ConfigError::OutOfRange(
+                "--max-connections must be at most 1048576 (each connection holds a file descriptor)",
+            ));
         }
         if args.worker_threads.is_some_and(|n| !(1..=64).contains(&n)) {
             return Err(ConfigError::OutOfRange(
@@ -479,6 +491,18 @@ mod tests {
         assert_eq!(
             Config::from_args(args(&["--max-connections", "0"])).err(),
             Some(ConfigError::Zero("--max-connections"))
+        );
+        for bad in ["1048577", "2305843009213693952", "18446744073709551615"] {
+            assert!(matches!(
+                Config::from_args(args(&["--max-connections", bad])),
+                Err(ConfigError::OutOfRange(_))
+            ));
+        }
+        assert_eq!(
+            Config::from_args(args(&["--max-connections", "1048576"]))
+                .map(|c| c.max_connections)
+                .ok(),
+            Some(MAX_CONNECTIONS)
         );
         assert_eq!(
             Config::from_args(args(&["--upstream-idle-timeout", "0s"])).err(),

@@ -60,6 +60,10 @@ fn bad_flags_exit_2_without_reading_the_key() {
         ),
         (&["--log-format", "xml"], "--log-format"),
         (
+            &["--max-connections", "18446744073709551615"],
+            "--max-connections must be at most 1048576",
+        ),
+        (
             &["--worker-threads", "0"],
             "--worker-threads must be between 1 and 64",
         ),
