@@ -191,6 +191,9 @@ pub fn serve(p: Prepared) -> Result<(), RunError> {
         dumper,
         logger,
     } = p;
+    let worker_threads = config
+        .workers(std::thread::available_parallelism().map_or(config::DEFAULT_WORKERS, |n| n.get()));
+    let max_connections = open_files_for(config.max_connections, worker_threads, &logger)?;
     let main_loop = event_loop()?;
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, config.port));
     let listener =
@@ -215,17 +218,15 @@ pub fn serve(p: Prepared) -> Result<(), RunError> {
     let (stop_tx, stop_rx) = watch::channel(None);
     let (drain_tx, drain_rx) = watch::channel(None::<Duration>);
     let limits = server::ServerLimits {
-        max_connections: config.max_connections,
+        max_connections,
         header_read_timeout: config.header_read_timeout,
         max_header_size: config.max_header_size,
         client_write_stall: config.body_read_timeout,
     };
-    let cap = server::ConnectionCap::new(config.max_connections);
+    let cap = server::ConnectionCap::new(max_connections);
     let upstream_text = upstream_for_log(upstream.uri());
     let proxy = Arc::new(Proxy::new(&config, port, token, key, dumper, stop_tx));
 
-    let worker_threads = config
-        .workers(std::thread::available_parallelism().map_or(config::DEFAULT_WORKERS, |n| n.get()));
     let loads = server::Loads::new(worker_threads);
     let mut workers = Vec::with_capacity(worker_threads.saturating_sub(1));
     let mut handoffs = Vec::with_capacity(worker_threads.saturating_sub(1));
@@ -307,6 +308,51 @@ pub fn serve(p: Prepared) -> Result<(), RunError> {
     }
     logger.event(LogLevel::Info, "stopped", &[]);
     result
+}
+
+/// Raises the soft open-files limit as far as `max_connections` needs (within the hard
+/// limit) and returns how many connections to serve: `max_connections`, or fewer, with a
+/// warning, when the hard limit is too low for it. None at all is an error.
+fn open_files_for(
+    max_connections: usize,
+    workers: usize,
+    logger: &Logger,
+) -> Result<usize, RunError> {
+    let Ok((soft, hard)) = sys::open_files_limit() else {
+        // Not knowable: serve as configured (running out is still handled, by backing off).
+        return Ok(max_connections);
+    };
+    let plan = server::descriptor_plan(max_connections, workers, soft, hard);
+    let (limit, connections) = match plan.raise_to {
+        Some(to) if sys::set_open_files_limit(to, hard).is_ok() => (to, plan.connections),
+        Some(_) => (
+            soft,
+            server::connections_within(soft, workers, max_connections),
+        ),
+        None => (soft, plan.connections),
+    };
+    if connections == 0 {
+        return Err(RunError::Runtime(format!(
+            "the open-files limit ({limit}) leaves no room for a connection; raise it \
+             (`ulimit -n {}`)",
+            server::descriptors_needed(max_connections, workers)
+        )));
+    }
+    if connections < max_connections {
+        let needed = server::descriptors_needed(max_connections, workers).to_string();
+        logger.event(
+            LogLevel::Warn,
+            "the open-files limit is too low for --max-connections; serving fewer connections \
+             (raise the limit with `ulimit -n` or lower --max-connections)",
+            &[
+                ("max_connections", &max_connections.to_string()),
+                ("serving", &connections.to_string()),
+                ("open_files_limit", &limit.to_string()),
+                ("needed", &needed),
+            ],
+        );
+    }
+    Ok(connections)
 }
 
 /// Scheme, authority and path only: a query string may carry something private.

@@ -20,6 +20,7 @@ use crate::config::LogLevel;
 use crate::conn::{self, ConnContext};
 use crate::proxy::{Proxy, error_body};
 use crate::upstream::Upstream;
+use crate::upstream_h1::MAX_IDLE;
 
 /// Limits applied per connection and across connections.
 #[derive(Debug, Clone, Copy)]
@@ -52,6 +53,79 @@ impl ConnectionCap {
             permits: Arc::new(Semaphore::new(max_connections)),
             rejecting: Arc::new(Semaphore::new(MAX_REJECTING)),
         }
+    }
+}
+
+/// File descriptors the proxy holds besides its connections: the standard streams, the
+/// listener and the signal pipe, with room for name lookups and files being written (16),
+/// and per worker its event loop and wake-up descriptors (4). (The sockets of 503 answers
+/// come on top; when they run out, accepting backs off.)
+fn fixed_descriptors(workers: usize) -> u64 {
+    16 + 4 * workers as u64
+}
+
+/// File descriptors needed to serve `connections` client connections at once with
+/// `workers` threads: each client connection and the upstream connection carrying its
+/// request, the idle pooled upstream connections (at most [`MAX_IDLE`] per worker, and a
+/// worker never keeps more than were busy at once), and [`fixed_descriptors`].
+pub fn descriptors_needed(connections: usize, workers: usize) -> u64 {
+    let c = connections as u64;
+    let idle = c.min(MAX_IDLE as u64).saturating_mul(workers as u64);
+    c.saturating_mul(2)
+        .saturating_add(idle)
+        .saturating_add(fixed_descriptors(workers))
+}
+
+/// The most client connections (up to `max`) that `limit` descriptors serve with `workers`
+/// threads; 0 when `limit` does not even cover the fixed ones and one connection.
+pub fn connections_within(limit: u64, workers: usize, max: usize) -> usize {
+    // `descriptors_needed` grows with the count: the largest fitting count, by bisection.
+    let (mut fits, mut over) = (0usize, max.saturating_add(1));
+    if descriptors_needed(max, workers) <= limit {
+        return max;
+    }
+    while over - fits > 1 {
+        let mid = fits + (over - fits) / 2;
+        if descriptors_needed(mid, workers) <= limit {
+            fits = mid;
+        } else {
+            over = mid;
+        }
+    }
+    fits
+}
+
+/// What to do about the open-files limit (`RLIMIT_NOFILE`, soft and hard) before serving
+/// `max_connections` connections with `workers` threads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DescriptorPlan {
+    /// The soft limit to raise to (never above the hard one), when it must rise.
+    pub raise_to: Option<u64>,
+    /// How many connections the limit serves once raised: `max_connections`, or fewer when
+    /// the hard limit is too low for it.
+    pub connections: usize,
+}
+
+/// Raise the soft limit as far as `max_connections` needs (and the hard limit allows),
+/// and serve only as many connections as fit: past the cap a client gets a clear 503, where
+/// running out of descriptors would leave it waiting in the backlog or cut its request.
+pub fn descriptor_plan(
+    max_connections: usize,
+    workers: usize,
+    soft: u64,
+    hard: u64,
+) -> DescriptorPlan {
+    let need = descriptors_needed(max_connections, workers);
+    if soft >= need {
+        return DescriptorPlan {
+            raise_to: None,
+            connections: max_connections,
+        };
+    }
+    let limit = need.min(hard).max(soft);
+    DescriptorPlan {
+        raise_to: (limit > soft).then_some(limit),
+        connections: connections_within(limit, workers, max_connections),
     }
 }
 
@@ -303,6 +377,61 @@ async fn reject_busy(mut stream: TcpStream) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn descriptors_cover_both_sides_of_each_connection_and_the_idle_pool() {
+        // The default: 1024 connections, 2 workers.
+        assert_eq!(descriptors_needed(1024, 2), 2048 + 512 + 16 + 8);
+        // Few connections: the idle pool never holds more than were busy.
+        assert_eq!(descriptors_needed(10, 1), 20 + 10 + 16 + 4);
+        assert_eq!(descriptors_needed(0, 1), 20);
+        assert_eq!(descriptors_needed(usize::MAX, 64), u64::MAX);
+        // `connections_within` is the inverse: the largest count that fits, for any limit.
+        for workers in [1, 2, 3, 64] {
+            for limit in (0..3000).step_by(7).chain([u64::MAX]) {
+                let c = connections_within(limit, workers, 1 << 20);
+                if c < 1 << 20 {
+                    assert!(
+                        descriptors_needed(c + 1, workers) > limit,
+                        "{limit} {workers}"
+                    );
+                }
+                if c > 0 {
+                    assert!(descriptors_needed(c, workers) <= limit, "{limit} {workers}");
+                }
+            }
+        }
+        assert_eq!(connections_within(22, 1, 1024), 0);
+        assert_eq!(connections_within(23, 1, 1024), 1);
+        assert_eq!(connections_within(1 << 40, 2, 1024), 1024);
+    }
+
+    #[test]
+    fn the_open_files_limit_is_raised_as_far_as_needed_and_the_cap_fits_what_is_left() {
+        let need = descriptors_needed(1024, 2);
+        // Enough already: nothing changes.
+        let plan = descriptor_plan(1024, 2, need, need);
+        assert_eq!(plan.raise_to, None);
+        assert_eq!(plan.connections, 1024);
+        // The common case (soft 1024, hard much higher): raised to what is needed, no more.
+        let plan = descriptor_plan(1024, 2, 1024, 524_288);
+        assert_eq!(plan.raise_to, Some(need));
+        assert_eq!(plan.connections, 1024);
+        // A hard limit below the need: raised to it, and the cap lowered to what fits.
+        let plan = descriptor_plan(1024, 2, 256, 1024);
+        assert_eq!(plan.raise_to, Some(1024));
+        assert_eq!(plan.connections, connections_within(1024, 2, 1024));
+        assert_eq!(plan.connections, 250);
+        // Soft already at the hard limit: nothing to raise; the cap fits the limit.
+        let plan = descriptor_plan(1024, 2, 1024, 1024);
+        assert_eq!(plan.raise_to, None);
+        assert_eq!(plan.connections, connections_within(1024, 2, 1024));
+        // A soft limit above a reported hard one (never lowered here).
+        assert_eq!(descriptor_plan(1024, 2, 2000, 1000).raise_to, None);
+        // Too few for even one connection.
+        assert_eq!(descriptor_plan(8, 1, 20, 20).connections, 0);
+        assert_eq!(descriptor_plan(8, 1, 64, 64).connections, 8);
+    }
 
     #[test]
     fn the_accepting_worker_keeps_most_new_connections_and_hands_on_the_rest() {

@@ -1,5 +1,5 @@
 //! The only module allowed to use `unsafe`: thin, checked wrappers over the system calls the
-//! proxy needs (read(2), shutdown(2), mmap/mlock/madvise, prctl, setrlimit, termios, the
+//! proxy needs (read(2), shutdown(2), mmap/mlock/madvise, prctl, getrlimit/setrlimit, termios, the
 //! environment).
 //!
 //! Each function has a safe signature, turns `-1` into `io::Error`, and carries a `SAFETY:`
@@ -133,6 +133,28 @@ pub fn disable_core_files() -> io::Result<()> {
     };
     // SAFETY: `zero` is a valid rlimit that outlives the call.
     check(unsafe { libc::setrlimit(libc::RLIMIT_CORE, &zero) }).map(drop)
+}
+
+/// The soft and hard limits on this process's open file descriptors (`RLIMIT_NOFILE`).
+pub fn open_files_limit() -> io::Result<(u64, u64)> {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `r` is a valid, writable rlimit that outlives the call.
+    check(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) })?;
+    Ok((r.rlim_cur, r.rlim_max))
+}
+
+/// Sets the soft limit on open file descriptors to `soft`, the hard one left at `hard`
+/// (which must be the current hard limit: an unprivileged process can only lower it).
+pub fn set_open_files_limit(soft: u64, hard: u64) -> io::Result<()> {
+    let r = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: hard,
+    };
+    // SAFETY: `r` is a valid rlimit that outlives the call.
+    check(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &r) }).map(drop)
 }
 
 /// Whether `fd` refers to a terminal.

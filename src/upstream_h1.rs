@@ -39,7 +39,7 @@ use crate::h1::{self, Chunked, Framing, H1Error};
 use crate::headers;
 
 /// Most idle connections kept per worker.
-const MAX_IDLE: usize = 256;
+pub(crate) const MAX_IDLE: usize = 256;
 /// How much to read at a time: small at first (most answers, SSE events included, are a
 /// few KiB, and every buffer is wiped when freed), doubling after each read that filled what
 /// was offered, up to 64 KiB.

@@ -627,3 +627,132 @@ async fn many_sized_responses_over_one_h2_connection_all_succeed() {
     let reqs = up.requests();
     assert!(reqs.iter().all(|r| r.version == http::Version::HTTP_2));
 }
+
+/// "Max open files" of `pid`: (soft, hard).
+fn open_files_limit_of(pid: u32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("Max open files");
+    let mut f = line["Max open files".len()..].split_whitespace();
+    (
+        f.next().expect("soft").to_string(),
+        f.next().expect("hard").to_string(),
+    )
+}
+
+/// The usual soft limit (1024) would run out at about 500 streams, each holding a client and
+/// an upstream connection: the proxy raises it to what `--max-connections` needs.
+#[tokio::test]
+async fn the_open_files_limit_is_raised_to_what_max_connections_needs() {
+    let up = MockUpstream::plain(|_| Reply::json(200, "{}")).await;
+    let url = up.url();
+    // The soft limit lowered, the hard one left as it is (raising it takes a privilege).
+    let (_, hard) = open_files_limit_of(std::process::id());
+    let p = start_proxy_under(
+        &["prlimit", "--nofile=256:"],
+        &["--upstream-url", &url, "--worker-threads", "2"],
+    );
+    let needed = responses_api_proxy::server::descriptors_needed(1024, 2);
+    let hard_n = hard.parse::<u64>().unwrap_or(u64::MAX);
+    assert!(
+        hard_n >= needed,
+        "this test needs a hard open-files limit of at least {needed}, not {hard}"
+    );
+    assert_eq!(
+        open_files_limit_of(p.child.id()),
+        (needed.to_string(), hard)
+    );
+    let (status, _, _) = exchange(p.port, p.responses_request("{}")).await;
+    assert_eq!(status, 200);
+    assert!(
+        !p.stderr_text().contains("open-files limit"),
+        "{}",
+        p.stderr_text()
+    );
+}
+
+/// A hard limit too low for `--max-connections`: the proxy says so and serves as many as
+/// fit, turning the next ones away with a clear 503 instead of running out of descriptors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hard_limit_too_low_lowers_the_connection_cap_with_a_warning() {
+    let up = MockUpstream::plain(|_| Reply::json(200, "{}")).await;
+    let url = up.url();
+    let p = start_proxy_under(
+        &["prlimit", "--nofile=200:200"],
+        &["--upstream-url", &url, "--worker-threads", "1"],
+    );
+    let serving = responses_api_proxy::server::connections_within(200, 1, 1024);
+    assert_eq!(serving, 60);
+    let text = p.stderr_text();
+    assert!(
+        text.contains("the open-files limit is too low for --max-connections")
+            && text.contains("serving=60")
+            && text.contains("ulimit -n"),
+        "{text}"
+    );
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", p.child.id()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    let before = fds();
+    let mut held = Vec::new();
+    for _ in 0..serving {
+        held.push(
+            TcpStream::connect(("127.0.0.1", p.port))
+                .await
+                .expect("connect"),
+        );
+    }
+    poll_until_async(Duration::from_secs(5), "connections accepted", || {
+        (fds() >= before + serving).then_some(())
+    })
+    .await;
+    let raw = head(&p, "content-length: 2\r\n\r\n{}");
+    let out = raw_exchange(p.port, raw.as_bytes(), Duration::from_secs(3)).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+    assert!(text.contains("too_many_connections"), "{text}");
+    // One of the held connections is served.
+    let mut s = held.pop().expect("held");
+    s.write_all(head(&p, "content-length: 2\r\n\r\n{}").as_bytes())
+        .await
+        .expect("write");
+    let (out, _) = read_all_within(&mut s, Duration::from_millis(500)).await;
+    assert!(
+        status_of(&out).starts_with("HTTP/1.1 200"),
+        "{}",
+        status_of(&out)
+    );
+}
+
+/// A limit that leaves no room for a single connection is refused at start, with what to do.
+#[test]
+fn an_open_files_limit_with_no_room_for_a_connection_is_refused_at_start() {
+    let mut child = spawn_with_key(
+        std::process::Command::new("prlimit")
+            .args([
+                "--nofile=20:20",
+                bin(),
+                "--upstream-url",
+                "http://127.0.0.1:9/v1/responses",
+                "--worker-threads",
+                "1",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped()),
+        KEY,
+    );
+    let err = capture(child.stderr.take().expect("stderr"));
+    let status = poll_until(Duration::from_secs(10), "proxy exit", || {
+        child.try_wait().expect("try_wait")
+    });
+    let text = String::from_utf8_lossy(&err.lock().expect("lock")).into_owned();
+    assert_eq!(status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("leaves no room for a connection") && text.contains("ulimit -n"),
+        "{text}"
+    );
+}
