@@ -127,6 +127,7 @@ pub struct Prepared {
 /// Runs before any thread exists.
 pub fn prepare(config: Config, key: ApiKey) -> Result<Prepared, RunError> {
     let logger = Logger::new(config.log_format, config.log_level);
+    crate::log::start(config.log_format);
     let token = ProxyToken::generate().map_err(|e| RunError::Runtime(e.to_string()))?;
     if let Some(path) = &config.server_info {
         server_info::preflight(path)?;
@@ -267,6 +268,7 @@ pub fn serve(p: Prepared) -> Result<(), RunError> {
         None => {
             // The one place the token is printed: labelled, on its own line, only when
             // there is no server-info file to carry it.
+            crate::log::flush(Duration::from_millis(200));
             eprintln!("proxy token: {}", proxy.token().as_str());
             None
         }

@@ -3,6 +3,7 @@
 //! upstream request id); no header value, body, query string, key or token is ever logged.
 
 use std::io::Write;
+use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Map, Value};
@@ -177,37 +178,224 @@ impl Logger {
     }
 
     fn write(&self, level: LogLevel, msg: &str, fields: Vec<(&str, Value)>) {
-        let line = match self.format {
-            LogFormat::Json => {
-                let mut m = Map::new();
-                m.insert("time".into(), Value::from(now()));
-                m.insert("level".into(), Value::from(level_name(level)));
-                m.insert("msg".into(), Value::from(msg));
-                for (k, v) in fields {
-                    m.insert(k.to_string(), v);
-                }
-                let mut s = Value::Object(m).to_string();
-                s.push('\n');
-                s
+        let line = format_line(self.format, &now(), level, msg, fields);
+        sink(self.format).push(line.as_bytes());
+    }
+}
+
+/// One line, as written: `time level msg k=v…` or a JSON object, with its newline.
+fn format_line(
+    format: LogFormat,
+    time: &str,
+    level: LogLevel,
+    msg: &str,
+    fields: Vec<(&str, Value)>,
+) -> String {
+    match format {
+        LogFormat::Json => {
+            let mut m = Map::new();
+            m.insert("time".into(), Value::from(time));
+            m.insert("level".into(), Value::from(level_name(level)));
+            m.insert("msg".into(), Value::from(msg));
+            for (k, v) in fields {
+                m.insert(k.to_string(), v);
             }
-            LogFormat::Text => {
-                let mut s = format!("{} {} {}", now(), level_name(level), msg);
-                for (k, v) in fields {
-                    match v {
-                        Value::String(text) if is_bare(&text) => {
-                            s.push_str(&format!(" {k}={text}"))
-                        }
-                        Value::String(text) => s.push_str(&format!(" {k}={}", Value::from(text))),
-                        other => s.push_str(&format!(" {k}={other}")),
-                    }
+            let mut s = Value::Object(m).to_string();
+            s.push('\n');
+            s
+        }
+        LogFormat::Text => {
+            let mut s = format!("{time} {} {msg}", level_name(level));
+            for (k, v) in fields {
+                match v {
+                    Value::String(text) if is_bare(&text) => s.push_str(&format!(" {k}={text}")),
+                    Value::String(text) => s.push_str(&format!(" {k}={}", Value::from(text))),
+                    other => s.push_str(&format!(" {k}={other}")),
                 }
-                s.push('\n');
-                s
             }
+            s.push('\n');
+            s
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------
+// The way to stderr: lines are queued and written by a thread of their own
+// ------------------------------------------------------------------------------------
+
+/// Most bytes of lines waiting for stderr; past it, lines are dropped (and counted).
+const QUEUE_MAX: usize = 1 << 20;
+
+/// Lines waiting for stderr. The proxy's threads only append to it; a writer thread of
+/// its own takes them in batches and does the (blocking) writes, so a stderr that takes
+/// lines slowly or not at all (a pipe nobody reads) never stalls proxying. What does not
+/// fit in [`QUEUE_MAX`] is dropped and counted, and the count is written once stderr takes
+/// lines again.
+#[derive(Debug, Default)]
+struct Queue {
+    lines: Vec<u8>,
+    dropped: u64,
+    /// The writer holds a batch, or has been woken to take one: no need to wake it.
+    writing: bool,
+}
+
+impl Queue {
+    /// Appends `line` (or counts it as dropped when the queue is full); returns whether
+    /// the writer must be woken.
+    fn push(&mut self, line: &[u8]) -> bool {
+        if self.lines.len().saturating_add(line.len()) > QUEUE_MAX {
+            self.dropped = self.dropped.saturating_add(1);
+        } else {
+            self.lines.extend_from_slice(line);
+        }
+        // One wake-up is enough until the writer finds the queue empty again.
+        !std::mem::replace(&mut self.writing, true)
+    }
+
+    /// Whether there is anything to write.
+    fn is_empty(&self) -> bool {
+        self.lines.is_empty() && self.dropped == 0
+    }
+
+    /// Takes what waits, for the writer (which is then busy until it asks again): the
+    /// lines, swapped into `into` (emptied first), and how many were dropped.
+    fn take(&mut self, into: &mut Vec<u8>) -> u64 {
+        into.clear();
+        std::mem::swap(&mut self.lines, into);
+        self.writing = true;
+        std::mem::take(&mut self.dropped)
+    }
+
+    /// The writer has written its batch and found nothing more: it waits to be woken.
+    fn idle(&mut self) {
+        self.writing = false;
+    }
+
+    /// Whether everything taken so far has been written and nothing waits.
+    fn is_drained(&self) -> bool {
+        !self.writing && self.is_empty()
+    }
+}
+
+struct Sink {
+    format: LogFormat,
+    /// Whether the writer thread runs; if it could not be started, lines are written
+    /// where they are logged, as before it existed.
+    threaded: bool,
+    queue: Mutex<Queue>,
+    /// The writer waits here for lines.
+    more: Condvar,
+    /// [`flush`] waits here for the writer to catch up.
+    written: Condvar,
+}
+
+static SINK: OnceLock<Sink> = OnceLock::new();
+
+/// The process's sink, started (with its writer thread) by the first line.
+fn sink(format: LogFormat) -> &'static Sink {
+    SINK.get_or_init(|| {
+        // The thread waits for the sink to be in place, then writes for the process's life.
+        let spawned = std::thread::Builder::new()
+            .name("log-writer".into())
+            .spawn(|| write_lines(SINK.wait()));
+        Sink {
+            format,
+            threaded: spawned.is_ok(),
+            queue: Mutex::new(Queue::default()),
+            more: Condvar::new(),
+            written: Condvar::new(),
+        }
+    })
+}
+
+impl Sink {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn push(&self, line: &[u8]) {
+        if !self.threaded {
+            let _ = std::io::stderr().lock().write_all(line);
+            return;
+        }
+        let wake = self.lock().push(line);
+        if wake {
+            self.more.notify_one();
+        }
+    }
+}
+
+/// The least time between two of the writer's batches: a line after a quiet spell is
+/// written at once, but under load the writer wakes and writes about a hundred times a
+/// second, whatever the rate of requests (waking it for each line cost more CPU than the
+/// lines' own writes), and an idle proxy's writer sleeps.
+const GATHER: Duration = Duration::from_millis(10);
+
+/// The writer thread: writes what is queued, batch by batch, for the life of the process.
+fn write_lines(sink: &Sink) {
+    let mut batch = Vec::new();
+    let mut last: Option<std::time::Instant> = None;
+    loop {
+        {
+            let mut q = sink.lock();
+            while q.is_empty() {
+                q.idle();
+                sink.written.notify_all();
+                q = sink.more.wait(q).unwrap_or_else(|p| p.into_inner());
+            }
+        }
+        if let Some(wait) = last.and_then(|t| GATHER.checked_sub(t.elapsed())) {
+            std::thread::sleep(wait);
+        }
+        last = Some(std::time::Instant::now());
+        let dropped = sink.lock().take(&mut batch);
+        let mut err = std::io::stderr().lock();
+        // A closed stderr is not a reason to disturb proxying.
+        let _ = err.write_all(&batch);
+        if dropped > 0 {
+            let n = dropped.to_string();
+            let line = format_line(
+                sink.format,
+                &now(),
+                LogLevel::Warn,
+                "log lines dropped: stderr was not taking them",
+                vec![("dropped", Value::from(n))],
+            );
+            let _ = err.write_all(line.as_bytes());
+        }
+        drop(err);
+        // A large batch's buffer is not kept.
+        if batch.capacity() > 64 << 10 {
+            batch = Vec::new();
+        }
+    }
+}
+
+/// Starts the writer thread (the first line would otherwise), so that the proxy's threads
+/// are all there before it announces itself.
+pub fn start(format: LogFormat) {
+    sink(format);
+}
+
+/// Waits until every line logged so far is written, at most `limit` (a stderr nobody
+/// reads must not hold up the exit); before the process exits or writes to stderr itself.
+pub fn flush(limit: Duration) {
+    let Some(sink) = SINK.get() else {
+        return;
+    };
+    let deadline = std::time::Instant::now() + limit;
+    let mut q = sink.lock();
+    while !q.is_drained() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        q = match sink.written.wait_timeout(q, left) {
+            Ok((q, _)) => q,
+            Err(p) => p.into_inner().0,
         };
-        // One write per line so concurrent lines do not interleave; a closed stderr is not
-        // a reason to disturb proxying.
-        let _ = std::io::stderr().lock().write_all(line.as_bytes());
     }
 }
 
@@ -221,6 +409,45 @@ fn is_bare(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_queue_wakes_an_idle_writer_only_and_drops_what_does_not_fit() {
+        let mut q = Queue::default();
+        assert!(q.is_drained());
+        // An idle writer is woken by the first line; a busy one is not.
+        assert!(q.push(b"one\n"));
+        assert!(!q.push(b"one more\n"), "woken already");
+        let mut batch = Vec::new();
+        assert_eq!(q.take(&mut batch), 0);
+        assert_eq!(batch, b"one\none more\n");
+        assert!(!q.is_drained(), "the batch is not written yet");
+        assert!(!q.push(b"two\n"), "the writer is busy: no wake-up");
+        assert!(!q.push(b"three\n"));
+        assert_eq!(q.take(&mut batch), 0);
+        assert_eq!(
+            batch, b"two\nthree\n",
+            "in order, the last batch's buffer reused"
+        );
+        assert!(q.is_empty());
+        q.idle();
+        assert!(q.is_drained());
+        assert!(q.push(b"four\n"), "idle again: woken");
+
+        // Full: lines are counted, not kept, until the writer takes the queue.
+        let mut q = Queue::default();
+        let line = [b'x'; 1000];
+        let fit = QUEUE_MAX / line.len();
+        for _ in 0..fit + 5 {
+            q.push(&line);
+        }
+        assert_eq!(q.lines.len(), fit * line.len());
+        assert_eq!(q.take(&mut batch), 5);
+        assert_eq!(batch.len(), fit * line.len());
+        assert_eq!(q.dropped, 0, "the count is taken with the batch");
+        q.push(b"after\n");
+        assert_eq!(q.take(&mut batch), 0);
+        assert_eq!(batch, b"after\n");
+    }
 
     #[test]
     fn formats_utc_times() {

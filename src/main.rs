@@ -2,18 +2,26 @@
 //! the result to an exit code. No logic lives here.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
 use responses_api_proxy::config::{Args, Config};
 use responses_api_proxy::secret::ApiKey;
-use responses_api_proxy::{RunError, hardening, sys};
+use responses_api_proxy::{RunError, hardening, log, sys};
 
 /// Every freed block is zeroed first, so freed HTTP/TLS buffers keep no copy of the key.
 #[global_allocator]
 static ALLOCATOR: sys::ZeroingAlloc = sys::ZeroingAlloc;
 
+/// How long the exit waits for log lines still queued for stderr.
+const LOG_FLUSH_LIMIT: Duration = Duration::from_secs(2);
+
 fn main() -> ExitCode {
-    match run() {
+    let result = run();
+    // Lines logged before the end (the last one `stopped`) go out first, unless stderr
+    // takes nothing.
+    log::flush(LOG_FLUSH_LIMIT);
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             if !matches!(e, RunError::UsageReported) {

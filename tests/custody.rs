@@ -171,7 +171,7 @@ async fn one_copy_at_rest(path: Path) {
     if path == Path::TlsH2 {
         args.push("--upstream-http2");
     }
-    let p = start_proxy_with(&args, &format!("{key}\n"), &[]);
+    let mut p = start_proxy_with(&args, &format!("{key}\n"), &[]);
     println!("upstream: {path:?}");
     let pid = p.child.id();
     let bearer = format!("Bearer {key}");
@@ -289,7 +289,7 @@ async fn one_copy_at_rest(path: Path) {
         .find(|l| l.starts_with("Max core file size"))
         .expect("core");
     assert_eq!(core.split_whitespace().nth(4), Some("0"), "{core}");
-    assert!(!p.stderr_text().contains(&key));
+    assert!(!p.stop_and_read_log().contains(&key));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -650,7 +650,7 @@ async fn the_open_files_limit_is_raised_to_what_max_connections_needs() {
     let url = up.url();
     // The soft limit lowered, the hard one left as it is (raising it takes a privilege).
     let (_, hard) = open_files_limit_of(std::process::id());
-    let p = start_proxy_under(
+    let mut p = start_proxy_under(
         &["prlimit", "--nofile=256:"],
         &["--upstream-url", &url, "--worker-threads", "2"],
     );
@@ -666,11 +666,8 @@ async fn the_open_files_limit_is_raised_to_what_max_connections_needs() {
     );
     let (status, _, _) = exchange(p.port, p.responses_request("{}")).await;
     assert_eq!(status, 200);
-    assert!(
-        !p.stderr_text().contains("open-files limit"),
-        "{}",
-        p.stderr_text()
-    );
+    let log = p.stop_and_read_log();
+    assert!(!log.contains("open-files limit"), "{log}");
 }
 
 /// A hard limit too low for `--max-connections`: the proxy says so and serves as many as
@@ -685,11 +682,13 @@ async fn a_hard_limit_too_low_lowers_the_connection_cap_with_a_warning() {
     );
     let serving = responses_api_proxy::server::connections_within(200, 1, 1024);
     assert_eq!(serving, 60);
-    let text = p.stderr_text();
+    let text = poll_until(Duration::from_secs(5), "the warning", || {
+        let t = p.stderr_text();
+        t.contains("the open-files limit is too low for --max-connections")
+            .then_some(t)
+    });
     assert!(
-        text.contains("the open-files limit is too low for --max-connections")
-            && text.contains("serving=60")
-            && text.contains("ulimit -n"),
+        text.contains("serving=60") && text.contains("ulimit -n"),
         "{text}"
     );
     let fds = || {
@@ -755,4 +754,155 @@ fn an_open_files_limit_with_no_room_for_a_connection_is_refused_at_start() {
         text.contains("leaves no room for a connection") && text.contains("ulimit -n"),
         "{text}"
     );
+}
+
+/// Starts the proxy with its stderr on a pipe that the caller reads only when it wants to.
+fn start_with_stderr_unread() -> (std::process::Child, u16, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("dir");
+    let info = dir.path().join("info.json");
+    let mut child = spawn_with_key(
+        std::process::Command::new(bin())
+            .args(["--upstream-url", "http://127.0.0.1:9/v1/responses"])
+            .arg("--server-info")
+            .arg(&info)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped()),
+        KEY,
+    );
+    let v: serde_json::Value = poll_until(Duration::from_secs(10), "server-info", || {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("proxy exited early with {status}");
+        }
+        serde_json::from_str(&std::fs::read_to_string(&info).ok()?).ok()
+    });
+    (child, v["port"].as_u64().expect("port") as u16, dir)
+}
+
+/// Sends `n` requests without the token (each answered 401 and logged), on kept-alive
+/// connections; every answer must come within a second.
+async fn refused_requests(port: u16, n: usize) {
+    let req = format!(
+        "POST /v1/responses HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\ncontent-length: 0\r\n\r\n"
+    );
+    let mut conn: Option<TcpStream> = None;
+    let mut buf = vec![0u8; 8192];
+    for i in 0..n {
+        let s = match conn.as_mut() {
+            Some(s) => s,
+            None => conn.insert(
+                TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .expect("connect"),
+            ),
+        };
+        s.write_all(req.as_bytes()).await.expect("write");
+        // The whole answer (its length is fixed) or the connection's end.
+        let mut got = Vec::new();
+        let answered = tokio::time::timeout(Duration::from_secs(1), async {
+            loop {
+                let k = s.read(&mut buf).await.unwrap_or(0);
+                if k == 0 {
+                    return false;
+                }
+                got.extend_from_slice(&buf[..k]);
+                if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    if got.len() >= end + 4 + len {
+                        return !head.contains("connection: close");
+                    }
+                }
+            }
+        })
+        .await;
+        let Ok(keep) = answered else {
+            panic!("request {i} got no answer within 1 s");
+        };
+        assert!(
+            String::from_utf8_lossy(&got).starts_with("HTTP/1.1 401"),
+            "request {i}: {}",
+            String::from_utf8_lossy(&got)
+        );
+        if !keep {
+            conn = None;
+        }
+    }
+}
+
+/// A stderr that nobody reads (a full pipe) must not stall the proxy: lines wait in a
+/// bounded queue, the excess is dropped and counted, and the count is written once stderr
+/// is read again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stderr_nobody_reads_does_not_stall_the_proxy() {
+    let (mut child, port, _dir) = start_with_stderr_unread();
+    // About 1.5 MiB of access lines: the pipe (64 KiB) and the queue (1 MiB) fill up.
+    refused_requests(port, 12_000).await;
+    // Reading stderr again: what was queued comes out, then the count of dropped lines.
+    let err = capture(child.stderr.take().expect("stderr"));
+    let text = || String::from_utf8_lossy(&err.lock().expect("lock")).into_owned();
+    // Every request's line written, or counted among the dropped ones.
+    let counts = || {
+        let t = text();
+        let dropped: u64 = t
+            .lines()
+            .filter(|l| l.contains("log lines dropped"))
+            .filter_map(|l| l.split("dropped=").nth(1)?.trim().parse::<u64>().ok())
+            .sum();
+        let logged = t.lines().filter(|l| l.contains(" access ")).count() as u64;
+        (dropped, logged)
+    };
+    let (dropped, logged) = poll_until_async(Duration::from_secs(10), "every line", || {
+        let (dropped, logged) = counts();
+        (dropped + logged >= 12_000).then_some((dropped, logged))
+    })
+    .await;
+    assert!(dropped > 0, "the queue overflowed: {dropped}");
+    assert_eq!(
+        logged + dropped,
+        12_000,
+        "each line written or counted once"
+    );
+    assert!(
+        text().contains(" info listening "),
+        "the first lines are kept"
+    );
+    // Still serving; and a clean stop writes its last line.
+    refused_requests(port, 1).await;
+    let ok = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(ok.success());
+    let status = poll_until(Duration::from_secs(10), "exit", || {
+        child.try_wait().expect("try_wait")
+    });
+    assert!(status.success(), "{status}");
+    poll_until_async(Duration::from_secs(5), "the last line", || {
+        text().contains(" info stopped").then_some(())
+    })
+    .await;
+}
+
+/// With stderr full and never read, SIGTERM still stops the proxy (the lines still queued
+/// are waited for only briefly).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_stderr_does_not_hold_up_the_exit() {
+    let (mut child, port, _dir) = start_with_stderr_unread();
+    refused_requests(port, 2_000).await;
+    let ok = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(ok.success());
+    let t0 = Instant::now();
+    let status = poll_until(Duration::from_secs(10), "exit", || {
+        child.try_wait().expect("try_wait")
+    });
+    assert!(status.success(), "{status}");
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    drop(child.stderr.take());
 }

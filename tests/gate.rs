@@ -21,7 +21,7 @@ fn body() -> Full<Bytes> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_never_reach_the_upstream() {
     let up = MockUpstream::plain(|_| Reply::json(200, "{}")).await;
-    let p = start_proxy(&["--upstream-url", &up.url(), "--http-shutdown"]);
+    let mut p = start_proxy(&["--upstream-url", &up.url(), "--http-shutdown"]);
     let t = p.token.clone();
     let json = "application/json";
     let cases: Vec<(&str, http::request::Builder, u16, &str)> = vec![
@@ -217,7 +217,7 @@ async fn refusals_never_reach_the_upstream() {
     // The proxy still serves, and /shutdown without a token did not stop it.
     let (status, _, _) = exchange(p.port, p.responses_request("{}")).await;
     assert_eq!(status, 200);
-    assert!(!p.stderr_text().contains(&t), "token in the log");
+    assert!(!p.stop_and_read_log().contains(&t), "token in the log");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -24,7 +24,7 @@ async fn forwards_with_key_injected_and_headers_rewritten() {
     })
     .await;
     let url = format!("{}?api-version=2025-04-01-preview", up.url());
-    let p = start_proxy(&["--upstream-url", &url]);
+    let mut p = start_proxy(&["--upstream-url", &url]);
     let body = r#"{"model":"gpt-test","input":"hi","stream":false}"#;
     let req = Request::post("/v1/responses")
         .header("host", p.host())
@@ -72,7 +72,7 @@ async fn forwards_with_key_injected_and_headers_rewritten() {
     let text = format!("{:?}{:?}", r.headers, String::from_utf8_lossy(&r.body));
     assert!(!text.contains(&p.token), "token reached the upstream");
     // The start-up line names the upstream without its query string.
-    let log = p.stderr_text();
+    let log = p.stop_and_read_log();
     assert!(
         log.contains(&format!(
             "upstream=http://127.0.0.1:{}/v1/responses",
@@ -604,7 +604,7 @@ async fn sigint_with_a_stuck_request_exits_after_the_grace_period() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_info_content_and_mode() {
     let up = MockUpstream::plain(|_| Reply::json(200, "{}")).await;
-    let p = start_proxy(&["--upstream-url", &up.url()]);
+    let mut p = start_proxy(&["--upstream-url", &up.url()]);
     let text = std::fs::read_to_string(&p.info_path).expect("read");
     assert!(text.ends_with('\n') && text.lines().count() == 1);
     let v: serde_json::Value = serde_json::from_str(&text).expect("json");
@@ -616,8 +616,9 @@ async fn server_info_content_and_mode() {
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o600);
+    let log = p.stop_and_read_log();
     assert!(
-        !p.stderr_text().contains(&p.token),
+        !log.contains(&p.token),
         "token not printed when --server-info is given"
     );
 }
@@ -789,11 +790,12 @@ async fn worker_threads_flag_sets_the_serving_threads() {
             "--worker-threads",
             &n.to_string(),
         ]);
-        // One event-loop thread per worker and nothing else (no dump dir: no file threads).
+        // One event-loop thread per worker and the log writer, nothing else (no dump dir:
+        // no file threads).
         let threads = std::fs::read_dir(format!("/proc/{}/task", p.child.id()))
             .expect("task dir")
             .count();
-        assert_eq!(threads, n);
+        assert_eq!(threads, n + 1);
         let tasks: Vec<_> = (0..24)
             .map(|_| tokio::spawn(exchange(p.port, p.responses_request("{}"))))
             .collect();
@@ -868,7 +870,11 @@ async fn worker_threads_default_to_two_or_one_per_cpu() {
         }
         let pid = p.child.id();
         let n = poll_until(Duration::from_secs(5), "thread count", || threads_of(pid));
-        assert_eq!(n, expected, "{wrapper:?} {extra:?}");
+        assert_eq!(
+            n,
+            expected + 1,
+            "{wrapper:?} {extra:?}: workers and the log writer"
+        );
     }
 }
 

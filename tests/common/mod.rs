@@ -577,6 +577,19 @@ impl ProxyProc {
         assert!(ok.success());
     }
 
+    /// Stops the proxy (SIGTERM) and returns all it wrote to stderr, up to its last line:
+    /// lines are written by a thread of their own, so only after the exit is it certain
+    /// that every line logged so far is there (for checks that something is absent).
+    pub fn stop_and_read_log(&mut self) -> String {
+        self.signal("TERM");
+        let status = self.wait_exit(Duration::from_secs(10));
+        assert!(status.success(), "{status}");
+        poll_until(Duration::from_secs(5), "the last log line", || {
+            let t = self.stderr_text();
+            t.contains("stopped").then_some(t)
+        })
+    }
+
     /// Waits for the process to exit, at most `limit`.
     pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
         let child = &mut self.child;
