@@ -355,13 +355,12 @@ fn write_lines(sink: &Sink) {
         // A closed stderr is not a reason to disturb proxying.
         let _ = err.write_all(&batch);
         if dropped > 0 {
-            let n = dropped.to_string();
             let line = format_line(
                 sink.format,
                 &now(),
                 LogLevel::Warn,
                 "log lines dropped: stderr was not taking them",
-                vec![("dropped", Value::from(n))],
+                vec![("dropped", Value::from(dropped))],
             );
             let _ = err.write_all(line.as_bytes());
         }
