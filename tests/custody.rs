@@ -467,7 +467,7 @@ async fn neither_key_nor_token_appears_in_anything_written() {
         let up = MockUpstream::plain(move |r| mixed_reply(r, &h)).await;
         let dir = tempfile::tempdir().expect("dir");
         let dumps = dir.path().join("dumps");
-        let p = start_proxy_with(
+        let mut p = start_proxy_with(
             &[
                 "--upstream-url",
                 &up.url(),
@@ -529,7 +529,7 @@ async fn neither_key_nor_token_appears_in_anything_written() {
         }
         let info = std::fs::read_to_string(&p.info_path).expect("info");
         assert!(!info.contains(&key));
-        let log = p.stderr_text();
+        let log = p.stop_and_read_log();
         assert!(!log.contains(&key), "{level}: key in the log");
         assert!(!log.contains(&p.token), "{level}: token in the log");
         if level == "info" || level == "debug" {

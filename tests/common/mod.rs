@@ -466,6 +466,8 @@ pub struct ProxyProc {
     pub dir: tempfile::TempDir,
     pub info_path: PathBuf,
     pub stderr: Arc<Mutex<Vec<u8>>>,
+    /// Set once all of stderr has been read (the proxy has exited).
+    pub stderr_ended: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Starts the proxy with `args`, the test key on stdin, and a server-info file in a fresh
@@ -509,7 +511,7 @@ fn start_proxy_cmd(
         let mut stdin_pipe = child.stdin.take().expect("stdin");
         stdin_pipe.write_all(stdin.as_bytes()).expect("write key");
     }
-    let stderr = capture(child.stderr.take().expect("stderr"));
+    let (stderr, stderr_ended) = capture_to_end(child.stderr.take().expect("stderr"));
     let info = poll_until(Duration::from_secs(10), "server-info file", || {
         if let Ok(Some(status)) = child.try_wait() {
             panic!(
@@ -529,6 +531,7 @@ fn start_proxy_cmd(
         dir,
         info_path,
         stderr,
+        stderr_ended,
     }
 }
 
@@ -543,9 +546,17 @@ pub fn spawn_with_key(cmd: &mut Command, key: &str) -> Child {
 }
 
 /// Reads a pipe to the end in a thread.
-pub fn capture(mut r: impl Read + Send + 'static) -> Arc<Mutex<Vec<u8>>> {
+pub fn capture(r: impl Read + Send + 'static) -> Arc<Mutex<Vec<u8>>> {
+    capture_to_end(r).0
+}
+
+/// Reads a pipe to the end in a thread; the flag is set once the end has been read.
+pub fn capture_to_end(
+    mut r: impl Read + Send + 'static,
+) -> (Arc<Mutex<Vec<u8>>>, Arc<std::sync::atomic::AtomicBool>) {
     let buf = Arc::new(Mutex::new(Vec::new()));
-    let b = Arc::clone(&buf);
+    let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (b, e) = (Arc::clone(&buf), Arc::clone(&ended));
     std::thread::spawn(move || {
         let mut chunk = [0u8; 4096];
         while let Ok(n) = r.read(&mut chunk) {
@@ -554,8 +565,9 @@ pub fn capture(mut r: impl Read + Send + 'static) -> Arc<Mutex<Vec<u8>>> {
             }
             b.lock().expect("lock").extend_from_slice(&chunk[..n]);
         }
+        e.store(true, std::sync::atomic::Ordering::SeqCst);
     });
-    buf
+    (buf, ended)
 }
 
 impl ProxyProc {
@@ -577,17 +589,20 @@ impl ProxyProc {
         assert!(ok.success());
     }
 
-    /// Stops the proxy (SIGTERM) and returns all it wrote to stderr, up to its last line:
-    /// lines are written by a thread of their own, so only after the exit is it certain
-    /// that every line logged so far is there (for checks that something is absent).
+    /// Stops the proxy (SIGTERM) and returns all it wrote to stderr: lines are written by a
+    /// thread of their own, so only once stderr has ended is it certain that every line
+    /// logged so far is there (for checks that something is absent).
     pub fn stop_and_read_log(&mut self) -> String {
         self.signal("TERM");
         let status = self.wait_exit(Duration::from_secs(10));
         assert!(status.success(), "{status}");
-        poll_until(Duration::from_secs(5), "the last log line", || {
-            let t = self.stderr_text();
-            t.contains("stopped").then_some(t)
-        })
+        let ended = Arc::clone(&self.stderr_ended);
+        poll_until(Duration::from_secs(5), "the end of stderr", || {
+            ended
+                .load(std::sync::atomic::Ordering::SeqCst)
+                .then_some(())
+        });
+        self.stderr_text()
     }
 
     /// Waits for the process to exit, at most `limit`.
