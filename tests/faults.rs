@@ -567,9 +567,13 @@ async fn descriptor_exhaustion_backs_off_and_recovers() {
             sender.send_request(req()).await.ok().map(|r| r.status())
         })
         .await;
-        if let Ok(Some(st)) = attempt {
-            assert_eq!(st, 200);
-            break;
+        // The descriptor limit also lowered the connection cap (to 6, with 48 descriptors):
+        // until the proxy has seen the flood's connections close, a new one may still get
+        // the cap's 503.
+        match attempt {
+            Ok(Some(st)) if st == 200 => break,
+            Ok(Some(st)) => assert_eq!(st, 503, "only the cap's refusal while recovering"),
+            _ => {}
         }
         assert!(t0.elapsed() < Duration::from_secs(10), "no recovery");
         tokio::time::sleep(Duration::from_millis(50)).await;
