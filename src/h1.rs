@@ -166,9 +166,9 @@ pub(crate) fn push_chunk_size(out: &mut Vec<u8>, n: usize) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// Appends `n` in decimal (a `Content-Length` value) without allocating, two digits per
-/// division.
-fn push_decimal(out: &mut Vec<u8>, n: u64) {
+/// Appends `n` in decimal (a `Content-Length` value, a log line's numbers) without
+/// allocating, two digits per division.
+pub(crate) fn push_decimal(out: &mut Vec<u8>, n: u64) {
     const PAIRS: &[u8; 200] = b"0001020304050607080910111213141516171819\
         2021222324252627282930313233343536373839\
         4041424344454647484950515253545556575859\
