@@ -345,12 +345,12 @@ impl Config {
         if args.max_connections == 0 {
             return Err(ConfigError::Zero("--max-connections"));
         }
-        // Each connection holds a file descriptor; Linux allows a process at most
+        // Each connection holds descriptors (two); Linux allows a process at most
         // `fs.nr_open` of them, 1048576 unless raised. (Far larger values also overflow
         // the connection cap's semaphore.)
         if args.max_connections > MAX_CONNECTIONS {
             return Err(ConfigError::OutOfRange(
-                "--max-connections must be at most 1048576 (each connection holds a file descriptor)",
+                "--max-connections must be at most 1048576 (each connection holds file descriptors)",
             ));
         }
         if args.worker_threads.is_some_and(|n| !(1..=64).contains(&n)) {

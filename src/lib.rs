@@ -124,7 +124,9 @@ pub struct Prepared {
 }
 
 /// Validates files named by flags, generates the token and builds the upstream client.
-/// Runs before any thread exists.
+/// Runs on the main thread after the hardening, the key's read and the environment's
+/// scrub; the only thread it starts is the log writer (`log::start`), which touches
+/// nothing but its queue and stderr.
 pub fn prepare(config: Config, key: ApiKey) -> Result<Prepared, RunError> {
     let logger = Logger::new(config.log_format, config.log_level);
     crate::log::start(config.log_format);
@@ -219,7 +221,6 @@ pub fn serve(p: Prepared) -> Result<(), RunError> {
     let (stop_tx, stop_rx) = watch::channel(None);
     let (drain_tx, drain_rx) = watch::channel(None::<Duration>);
     let limits = server::ServerLimits {
-        max_connections,
         header_read_timeout: config.header_read_timeout,
         max_header_size: config.max_header_size,
         client_write_stall: config.body_read_timeout,

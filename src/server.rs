@@ -25,8 +25,6 @@ use crate::upstream_h1::MAX_IDLE;
 /// Limits applied per connection and across connections.
 #[derive(Debug, Clone, Copy)]
 pub struct ServerLimits {
-    /// Most client connections served at once.
-    pub max_connections: usize,
     /// Time to receive a request head (and idle keep-alive time).
     pub header_read_timeout: Duration,
     /// Largest request head.
