@@ -67,6 +67,11 @@ pub struct Args {
     #[arg(long, value_name = "SIZE", default_value = "16MiB", value_parser = parse_size)]
     pub dump_max_body: u64,
 
+    /// Most memory all dumps in progress or waiting to be written may hold together;
+    /// past it bodies are cut and marked, and exchanges may go undumped.
+    #[arg(long, value_name = "SIZE", default_value = "256MiB", value_parser = parse_size)]
+    pub dump_max_memory: u64,
+
     /// Largest request body accepted (413 above it).
     #[arg(long, value_name = "SIZE", default_value = "64MiB", value_parser = parse_size)]
     pub max_request_body: u64,
@@ -174,6 +179,8 @@ pub struct Config {
     pub dump_dir: Option<PathBuf>,
     /// Largest body copied into a dump file.
     pub dump_max_body: usize,
+    /// Most memory held in dumps at a time.
+    pub dump_max_memory: usize,
     /// Largest request body.
     pub max_request_body: u64,
     /// Largest request head.
@@ -370,6 +377,12 @@ impl Config {
                 "--max-header-size must be between 1KiB and 16MiB",
             ));
         }
+        // Room for at least a head and a first piece of body.
+        if args.dump_max_memory < 64 << 10 {
+            return Err(ConfigError::OutOfRange(
+                "--dump-max-memory must be at least 64KiB",
+            ));
+        }
         Ok(Self {
             port: args.port.unwrap_or(0),
             server_info: args.server_info,
@@ -379,6 +392,7 @@ impl Config {
             upstream_http2: args.upstream_http2,
             dump_dir: args.dump_dir,
             dump_max_body: usize::try_from(args.dump_max_body).unwrap_or(usize::MAX),
+            dump_max_memory: usize::try_from(args.dump_max_memory).unwrap_or(usize::MAX),
             max_request_body: args.max_request_body,
             max_header_size: args.max_header_size as usize,
             max_connections: args.max_connections,
@@ -509,6 +523,14 @@ mod tests {
             Some(ConfigError::Zero("--upstream-idle-timeout"))
         );
         assert!(Config::from_args(args(&["--max-header-size", "10"])).is_err());
+        assert_eq!(c.dump_max_memory, 256 << 20);
+        assert!(Config::from_args(args(&["--dump-max-memory", "65535"])).is_err());
+        assert_eq!(
+            Config::from_args(args(&["--dump-max-memory", "64KiB"]))
+                .map(|c| c.dump_max_memory)
+                .ok(),
+            Some(64 << 10)
+        );
         assert_eq!(c.worker_threads, None);
         assert_eq!(c.workers(2), 2);
         assert_eq!(c.workers(1), 1, "one CPU: one event loop");

@@ -6,13 +6,14 @@
 //! are written as `[REDACTED]`. Body copies are bounded; a cut body is marked. A dump that
 //! fails is logged once and never affects the proxied exchange.
 
+use std::collections::VecDeque;
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, StatusCode};
@@ -53,58 +54,345 @@ pub fn dump_headers(headers: &HeaderMap) -> Vec<Value> {
         .collect()
 }
 
-/// A bounded copy of a body.
-#[derive(Debug, Default)]
+/// What a dump body copy takes from the memory budget when it first needs room (less if
+/// `--dump-max-body` is smaller); later growth doubles, as a `Vec` would.
+const FIRST_ROOM: usize = 8 << 10;
+
+/// About what one header, the method or the URL costs in a queued dump beyond its bytes
+/// (a JSON object with two strings).
+const PER_FIELD: usize = 160;
+
+/// About what a queued dump costs before any header or body.
+const PER_DUMP: usize = 512;
+
+/// How long the end of the process waits for queued dump files to be written.
+pub const WRITE_ON_EXIT: Duration = Duration::from_secs(5);
+
+/// Which limit cut a body copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cut {
+    MaxBody,
+    Memory,
+}
+
+/// The memory that dumps in progress and dumps waiting to be written may hold together
+/// (`--dump-max-memory`): body copies and, approximately, their heads.
+#[derive(Debug)]
+struct Budget {
+    limit: usize,
+    used: AtomicUsize,
+}
+
+impl Budget {
+    /// Reserves up to `want` bytes; returns how many it reserved.
+    fn take_up_to(&self, want: usize) -> usize {
+        let mut got = 0;
+        let _ = self
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                got = want.min(self.limit.saturating_sub(used));
+                Some(used + got)
+            });
+        got
+    }
+
+    /// Reserves exactly `want` bytes, or nothing.
+    fn take_all(&self, want: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                (used.saturating_add(want) <= self.limit).then_some(used + want)
+            })
+            .is_ok()
+    }
+
+    fn give_back(&self, n: usize) {
+        self.used.fetch_sub(n, Ordering::AcqRel);
+    }
+}
+
+/// Bytes reserved from the budget, given back when dropped (when the dump that holds them
+/// has been written, or abandoned).
+#[derive(Debug)]
+struct Held {
+    shared: Arc<Shared>,
+    bytes: usize,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.shared.budget.give_back(self.bytes);
+    }
+}
+
+/// The room a body copy asks for next: enough for `keep` bytes, at least double what it
+/// has (amortised growth) and `FIRST_ROOM`, never more than `max`.
+fn room_wanted(has: usize, keep: usize, max: usize) -> usize {
+    keep.max(has.saturating_mul(2)).max(FIRST_ROOM).min(max)
+}
+
+/// A bounded copy of a body: at most `max` bytes, and only as much as the memory budget
+/// grants. Once cut, it keeps nothing more (a copy with a hole in it would mislead).
+#[derive(Debug)]
 pub struct BodyCopy {
     bytes: Vec<u8>,
     total: u64,
     max: usize,
+    cut: Option<Cut>,
+    held: Option<Held>,
 }
 
 impl BodyCopy {
-    /// A copy that keeps at most `max` bytes.
-    pub fn new(max: usize) -> Self {
+    /// A copy that keeps at most `max` bytes, with no memory budget (tests).
+    #[cfg(test)]
+    fn new(max: usize) -> Self {
+        Self::within(max, None)
+    }
+
+    fn within(max: usize, held: Option<Held>) -> Self {
         Self {
             bytes: Vec::new(),
             total: 0,
             max,
+            cut: None,
+            held,
         }
     }
 
-    /// Appends a chunk (up to the bound).
+    /// Appends a chunk, as far as the bounds allow.
     pub fn push(&mut self, chunk: &[u8]) {
         self.total += chunk.len() as u64;
-        let room = self.max.saturating_sub(self.bytes.len());
-        self.bytes
-            .extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if self.cut.is_some() || chunk.is_empty() {
+            return;
+        }
+        let len = self.bytes.len();
+        let mut keep = len.saturating_add(chunk.len());
+        if keep > self.max {
+            keep = self.max;
+            self.cut = Some(Cut::MaxBody);
+        }
+        if let Some(held) = &mut self.held
+            && keep > held.bytes
+        {
+            // Room to grow into when the budget has it to spare; else just what is needed.
+            let budget = &held.shared.budget;
+            let want = room_wanted(held.bytes, keep, self.max);
+            held.bytes += if budget.take_all(want - held.bytes) {
+                want - held.bytes
+            } else {
+                budget.take_up_to(keep - held.bytes)
+            };
+            if held.bytes < keep {
+                keep = held.bytes;
+                self.cut = Some(Cut::Memory);
+                held.shared.under_pressure();
+            }
+            // Exactly the room accounted for, so the budget counts what is allocated.
+            if self.bytes.capacity() < held.bytes {
+                self.bytes.reserve_exact(held.bytes - len);
+            }
+        }
+        self.bytes.extend_from_slice(&chunk[..keep - len]);
     }
 
-    /// Adds `body` (and, when cut, `body_truncated` and `body_bytes`) to `obj`.
-    fn into_fields(self, obj: &mut serde_json::Map<String, Value>) {
-        let truncated = self.total > self.bytes.len() as u64;
+    /// Adds `body` (and, when cut, `body_truncated`, `body_bytes` and which limit cut it,
+    /// `body_truncated_by`) to `obj`. Returns the budget's share, to be given back once the
+    /// file is written.
+    fn into_fields(self, obj: &mut serde_json::Map<String, Value>) -> Option<Held> {
+        let kept = self.bytes.len() as u64;
+        let truncated = self.total > kept;
         let body = if truncated {
-            Value::String(String::from_utf8_lossy(&self.bytes).into_owned())
+            text(self.bytes)
         } else {
-            serde_json::from_slice(&self.bytes).unwrap_or_else(|_| {
-                Value::String(String::from_utf8_lossy(&self.bytes).into_owned())
-            })
+            match serde_json::from_slice(&self.bytes) {
+                Ok(v) => v,
+                Err(_) => text(self.bytes),
+            }
         };
         obj.insert("body".into(), body);
         if truncated {
             obj.insert("body_truncated".into(), Value::Bool(true));
             obj.insert("body_bytes".into(), Value::from(self.total));
+            let by = match self.cut {
+                Some(Cut::Memory) => "--dump-max-memory",
+                _ => "--dump-max-body",
+            };
+            obj.insert("body_truncated_by".into(), Value::from(by));
+        }
+        self.held
+    }
+}
+
+/// Bytes as a JSON string, without a copy when they are UTF-8.
+fn text(bytes: Vec<u8>) -> Value {
+    Value::String(
+        String::from_utf8(bytes)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+    )
+}
+
+/// One file to write.
+#[derive(Debug)]
+struct Job {
+    name: String,
+    /// Everything but the body.
+    fields: serde_json::Map<String, Value>,
+    body: BodyCopy,
+    /// Added after the body (a response stream's error).
+    stream_error: Option<&'static str>,
+    /// The head's share of the budget (the body holds its own).
+    head: Held,
+}
+
+impl Job {
+    /// The file's contents, and the budget's shares it still holds.
+    fn into_value(self) -> (Value, [Option<Held>; 2]) {
+        let mut obj = self.fields;
+        let body = self.body.into_fields(&mut obj);
+        if let Some(why) = self.stream_error {
+            obj.insert("stream_error".into(), Value::from(why));
+        }
+        (Value::Object(obj), [body, Some(self.head)])
+    }
+}
+
+/// The queue between the serving threads and the dump writer.
+#[derive(Debug, Default)]
+struct Queue {
+    jobs: VecDeque<Job>,
+    /// The writer is writing a job it has taken.
+    busy: bool,
+    /// No more jobs: the writer stops once the queue is empty.
+    closed: bool,
+    /// The writer thread has ended (or never started).
+    gone: bool,
+}
+
+/// What the dumper, its dumps in progress and its writer share.
+#[derive(Debug)]
+struct Shared {
+    dir: PathBuf,
+    budget: Budget,
+    queue: Mutex<Queue>,
+    /// Signalled when a job is queued or the queue closes.
+    more: Condvar,
+    /// Signalled when the writer goes idle or ends.
+    idle: Condvar,
+    failed: AtomicBool,
+    /// An episode of memory pressure is under way (it was reported).
+    pressed: AtomicBool,
+    skipped: AtomicU64,
+    logger: Logger,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        // A panic while holding the lock leaves the queue consistent: use it as it is.
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Notes that the budget refused room: reported once per episode.
+    fn under_pressure(&self) {
+        if !self.pressed.swap(true, Ordering::AcqRel) {
+            self.logger.event(
+                LogLevel::Warn,
+                "dumps are using all of --dump-max-memory; bodies are cut and exchanges may go \
+                 undumped until queued files are written (raise --dump-max-memory, or the disk \
+                 is slow)",
+                &[("max_memory", &self.budget.limit.to_string())],
+            );
+        }
+    }
+
+    /// Reserves a head's share, or notes the exchange as not dumped.
+    fn hold_head(self: &Arc<Self>, bytes: usize) -> Option<Held> {
+        if self.budget.take_all(bytes) {
+            Some(Held {
+                shared: Arc::clone(self),
+                bytes,
+            })
+        } else {
+            self.skipped.fetch_add(1, Ordering::Relaxed);
+            self.under_pressure();
+            None
+        }
+    }
+
+    fn body(self: &Arc<Self>, max: usize) -> BodyCopy {
+        BodyCopy::within(
+            max,
+            Some(Held {
+                shared: Arc::clone(self),
+                bytes: 0,
+            }),
+        )
+    }
+
+    /// Queues a job for the writer (dropped, its memory given back, once the dumper has
+    /// closed).
+    fn queue(&self, job: Job) {
+        let mut q = self.lock();
+        if q.closed {
+            drop(q);
+            self.skipped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        q.jobs.push_back(job);
+        drop(q);
+        self.more.notify_one();
+    }
+
+    fn write(&self, job: Job) {
+        let path = self.dir.join(&job.name);
+        let name = job.name.clone();
+        // The memory stays counted until the file is written.
+        let (value, _held) = job.into_value();
+        if let Err(e) = write_file(&path, &value)
+            && !self.failed.swap(true, Ordering::Relaxed)
+        {
+            let reason = e.to_string();
+            self.logger.event(
+                LogLevel::Warn,
+                "writing a dump file failed; proxying continues (reported once)",
+                &[("file", &name), ("reason", &reason)],
+            );
         }
     }
 }
 
-/// Writes dump files into one directory.
+/// The dump writer thread: writes queued jobs in order until the queue closes and empties.
+fn write_jobs(shared: &Shared) {
+    let mut q = shared.lock();
+    loop {
+        if let Some(job) = q.jobs.pop_front() {
+            q.busy = true;
+            drop(q);
+            // Written, then dropped (its memory given back) before the next is taken.
+            shared.write(job);
+            if shared.budget.used.load(Ordering::Acquire) <= shared.budget.limit / 2 {
+                shared.pressed.store(false, Ordering::Release);
+            }
+            q = shared.lock();
+            q.busy = false;
+            continue;
+        }
+        shared.idle.notify_all();
+        if q.closed {
+            break;
+        }
+        q = shared.more.wait(q).unwrap_or_else(|e| e.into_inner());
+    }
+    q.gone = true;
+    drop(q);
+    shared.idle.notify_all();
+}
+
+/// Writes dump files into one directory, from a thread of its own, at most
+/// `--dump-max-memory` held in dumps at a time.
 #[derive(Debug)]
 pub struct Dumper {
-    dir: PathBuf,
+    shared: Arc<Shared>,
     next: AtomicU64,
     max_body: usize,
-    failed: AtomicBool,
-    logger: Logger,
 }
 
 /// The dump directory could not be prepared.
@@ -116,8 +404,14 @@ pub struct DumpDirError {
 }
 
 impl Dumper {
-    /// Creates `dir` (0700) if needed. Warns when an existing directory is open to others.
-    pub fn new(dir: &Path, max_body: usize, logger: Logger) -> Result<Self, DumpDirError> {
+    /// Creates `dir` (0700) if needed and starts the writer thread. Warns when an existing
+    /// directory is open to others.
+    pub fn new(
+        dir: &Path,
+        max_body: usize,
+        max_memory: usize,
+        logger: Logger,
+    ) -> Result<Self, DumpDirError> {
         let err = |source| DumpDirError {
             path: dir.to_path_buf(),
             source,
@@ -138,85 +432,138 @@ impl Dumper {
                 &[],
             );
         }
-        Ok(Self {
+        let shared = Arc::new(Shared {
             dir: dir.to_path_buf(),
+            budget: Budget {
+                limit: max_memory,
+                used: AtomicUsize::new(0),
+            },
+            queue: Mutex::new(Queue::default()),
+            more: Condvar::new(),
+            idle: Condvar::new(),
+            failed: AtomicBool::new(false),
+            pressed: AtomicBool::new(false),
+            skipped: AtomicU64::new(0),
+            logger,
+        });
+        let writer = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name("dump-writer".into())
+            .spawn(move || write_jobs(&writer))
+            .map_err(err)?;
+        Ok(Self {
+            shared,
             next: AtomicU64::new(1),
             max_body,
-            failed: AtomicBool::new(false),
-            logger,
         })
     }
 
     /// Starts dumping one exchange: the request half (fill its body; written when finished
-    /// or dropped) and the slot for the response half.
+    /// or dropped) and the slot for the response half. `None` (counted) when the memory
+    /// budget has no room even for the request's head.
     pub fn begin(
-        self: &Arc<Self>,
+        &self,
         method: &Method,
         url: &str,
         headers: &HeaderMap,
-    ) -> (RequestDump, ResponseSlot) {
+    ) -> Option<(RequestDump, ResponseSlot)> {
+        let head = self
+            .shared
+            .hold_head(head_cost(headers) + url.len() + method.as_str().len())?;
         let seq = self.next.fetch_add(1, Ordering::Relaxed);
         let ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis());
         let prefix = format!("{seq:06}-{ms}");
         let slot = ResponseSlot {
-            dumper: Arc::clone(self),
+            shared: Arc::clone(&self.shared),
+            max_body: self.max_body,
             name: format!("{prefix}-response.json"),
         };
+        let mut fields = serde_json::Map::new();
+        fields.insert("method".into(), Value::from(method.as_str()));
+        fields.insert("url".into(), Value::from(url));
+        fields.insert("headers".into(), Value::from(dump_headers(headers)));
         let req = RequestDump {
-            dumper: Arc::clone(self),
-            name: format!("{prefix}-request.json"),
-            method: method.as_str().to_string(),
-            url: url.to_string(),
-            headers: dump_headers(headers),
-            body: Some(BodyCopy::new(self.max_body)),
+            shared: Arc::clone(&self.shared),
+            parts: Some((format!("{prefix}-request.json"), fields, head)),
+            body: Some(self.shared.body(self.max_body)),
         };
-        (req, slot)
+        Some((req, slot))
     }
 
-    fn write(self: &Arc<Self>, name: String, value: Value) {
-        let this = Arc::clone(self);
-        let job = move || {
-            let path = this.dir.join(&name);
-            if let Err(e) = write_file(&path, &value)
-                && !this.failed.swap(true, Ordering::Relaxed)
-            {
-                let reason = e.to_string();
-                this.logger.event(
-                    LogLevel::Warn,
-                    "writing a dump file failed; proxying continues (reported once)",
-                    &[("file", &name), ("reason", &reason)],
-                );
+    /// Exchanges not dumped (or dumps dropped) because the memory budget was full or the
+    /// dumper had closed.
+    pub fn skipped(&self) -> u64 {
+        self.shared.skipped.load(Ordering::Relaxed)
+    }
+
+    /// The memory dumps hold now.
+    #[cfg(test)]
+    fn held(&self) -> usize {
+        self.shared.budget.used.load(Ordering::Acquire)
+    }
+
+    /// Waits up to `limit` until every queued dump has been written; whether it was.
+    pub fn wait_written(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        let mut q = self.shared.lock();
+        while !(q.gone || (q.jobs.is_empty() && !q.busy)) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
             }
-        };
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => drop(rt.spawn_blocking(job)),
-            Err(_) => job(),
+            q = self
+                .shared
+                .idle
+                .wait_timeout(q, left)
+                .map_or_else(|e| e.into_inner().0, |(q, _)| q);
         }
+        true
+    }
+
+    /// Takes no more dumps and waits up to `limit` for the queued ones to be written;
+    /// whether they were.
+    pub fn close(&self, limit: Duration) -> bool {
+        self.shared.lock().closed = true;
+        self.shared.more.notify_all();
+        self.wait_written(limit)
     }
 }
 
+impl Drop for Dumper {
+    fn drop(&mut self) {
+        // The writer finishes what is queued, then ends.
+        self.shared.lock().closed = true;
+        self.shared.more.notify_all();
+    }
+}
+
+/// About what a head's headers cost in a queued dump.
+fn head_cost(headers: &HeaderMap) -> usize {
+    headers.iter().fold(PER_DUMP, |n, (name, value)| {
+        n + name.as_str().len() + value.len() + PER_FIELD
+    })
+}
+
 fn write_file(path: &Path, value: &Value) -> io::Result<()> {
-    let mut bytes = serde_json::to_vec_pretty(value).map_err(io::Error::other)?;
-    bytes.push(b'\n');
-    let mut f = OpenOptions::new()
+    let f = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(path)?;
-    f.write_all(&bytes)
+    let mut out = io::BufWriter::with_capacity(64 << 10, f);
+    serde_json::to_writer_pretty(&mut out, value).map_err(io::Error::other)?;
+    out.write_all(b"\n")?;
+    out.flush()
 }
 
 /// The request half of one exchange's dump; written when finished or dropped.
 #[derive(Debug)]
 pub struct RequestDump {
-    dumper: Arc<Dumper>,
-    name: String,
-    method: String,
-    url: String,
-    headers: Vec<Value>,
+    shared: Arc<Shared>,
+    parts: Option<(String, serde_json::Map<String, Value>, Held)>,
     body: Option<BodyCopy>,
 }
 
@@ -228,22 +575,18 @@ impl RequestDump {
         }
     }
 
-    /// Writes the request file now (also done on drop).
+    /// Queues the request file now (also done on drop).
     pub fn finish(&mut self) {
-        let Some(body) = self.body.take() else { return };
-        let mut obj = serde_json::Map::new();
-        obj.insert(
-            "method".into(),
-            Value::from(std::mem::take(&mut self.method)),
-        );
-        obj.insert("url".into(), Value::from(std::mem::take(&mut self.url)));
-        obj.insert(
-            "headers".into(),
-            Value::from(std::mem::take(&mut self.headers)),
-        );
-        body.into_fields(&mut obj);
-        self.dumper
-            .write(std::mem::take(&mut self.name), Value::Object(obj));
+        let (Some((name, fields, head)), Some(body)) = (self.parts.take(), self.body.take()) else {
+            return;
+        };
+        self.shared.queue(Job {
+            name,
+            fields,
+            body,
+            stream_error: None,
+            head,
+        });
     }
 }
 
@@ -256,30 +599,32 @@ impl Drop for RequestDump {
 /// Where the response half of one exchange's dump will go.
 #[derive(Debug)]
 pub struct ResponseSlot {
-    dumper: Arc<Dumper>,
+    shared: Arc<Shared>,
+    max_body: usize,
     name: String,
 }
 
 impl ResponseSlot {
-    /// Starts the response half once the status and headers are known.
-    pub fn open(self, status: StatusCode, headers: &HeaderMap) -> ResponseDump {
-        ResponseDump {
-            body: Some(BodyCopy::new(self.dumper.max_body)),
-            dumper: self.dumper,
-            name: self.name,
-            status: status.as_u16(),
-            headers: dump_headers(headers),
-        }
+    /// Starts the response half once the status and headers are known; `None` (counted)
+    /// when the memory budget has no room for its head.
+    pub fn open(self, status: StatusCode, headers: &HeaderMap) -> Option<ResponseDump> {
+        let head = self.shared.hold_head(head_cost(headers))?;
+        let mut fields = serde_json::Map::new();
+        fields.insert("status".into(), Value::from(status.as_u16()));
+        fields.insert("headers".into(), Value::from(dump_headers(headers)));
+        Some(ResponseDump {
+            body: Some(self.shared.body(self.max_body)),
+            shared: self.shared,
+            parts: Some((self.name, fields, head)),
+        })
     }
 }
 
 /// The response half of one exchange's dump; written when finished or dropped.
 #[derive(Debug)]
 pub struct ResponseDump {
-    dumper: Arc<Dumper>,
-    name: String,
-    status: u16,
-    headers: Vec<Value>,
+    shared: Arc<Shared>,
+    parts: Option<(String, serde_json::Map<String, Value>, Held)>,
     body: Option<BodyCopy>,
 }
 
@@ -291,28 +636,25 @@ impl ResponseDump {
         }
     }
 
-    /// Copies a whole fixed body and writes the file.
+    /// Copies a whole fixed body and queues the file.
     pub fn finish_with(mut self, body: &Bytes) {
         self.push(body);
         self.finish(None);
     }
 
-    /// Writes the response file now (also done on drop); `broken` says why a stream did
+    /// Queues the response file now (also done on drop); `broken` says why a stream did
     /// not end cleanly.
-    pub fn finish(&mut self, broken: Option<&str>) {
-        let Some(body) = self.body.take() else { return };
-        let mut obj = serde_json::Map::new();
-        obj.insert("status".into(), Value::from(self.status));
-        obj.insert(
-            "headers".into(),
-            Value::from(std::mem::take(&mut self.headers)),
-        );
-        body.into_fields(&mut obj);
-        if let Some(why) = broken {
-            obj.insert("stream_error".into(), Value::from(why));
-        }
-        self.dumper
-            .write(std::mem::take(&mut self.name), Value::Object(obj));
+    pub fn finish(&mut self, broken: Option<&'static str>) {
+        let (Some((name, fields, head)), Some(body)) = (self.parts.take(), self.body.take()) else {
+            return;
+        };
+        self.shared.queue(Job {
+            name,
+            fields,
+            body,
+            stream_error: broken,
+            head,
+        });
     }
 }
 
@@ -375,20 +717,29 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let ddir = dir.path().join("dumps");
         let dumper = Arc::new(
-            Dumper::new(&ddir, 1024, Logger::new(LogFormat::Text, LogLevel::Error))
-                .expect("dumper"),
+            Dumper::new(
+                &ddir,
+                1024,
+                1 << 20,
+                Logger::new(LogFormat::Text, LogLevel::Error),
+            )
+            .expect("dumper"),
         );
         let mut h = HeaderMap::new();
         h.insert("authorization", HeaderValue::from_static("Bearer tok"));
         h.insert("content-type", HeaderValue::from_static("application/json"));
-        let (mut req, slot) = dumper.begin(&Method::POST, "/v1/responses", &h);
+        let (mut req, slot) = dumper
+            .begin(&Method::POST, "/v1/responses", &h)
+            .expect("room");
         req.push(b"{\"model\":\"m\"}");
-        let mut resp = slot.open(StatusCode::OK, &h);
+        let mut resp = slot.open(StatusCode::OK, &h).expect("room");
         req.finish();
         resp.push(b"data: x\n\n");
         resp.finish(None);
         drop(resp);
         drop(req);
+        assert!(dumper.wait_written(Duration::from_secs(5)));
+        assert_eq!(dumper.held(), 0);
         assert_eq!(fs::metadata(&ddir).expect("dir").mode() & 0o777, 0o700);
         let mut names: Vec<_> = fs::read_dir(&ddir)
             .expect("ls")
@@ -421,5 +772,131 @@ mod tests {
         for n in &names {
             assert_eq!(fs::metadata(n).expect("meta").mode() & 0o777, 0o600);
         }
+    }
+
+    fn read_dump(dir: &Path, suffix: &str) -> Vec<Value> {
+        let mut names: Vec<_> = fs::read_dir(dir)
+            .expect("ls")
+            .map(|e| e.expect("e").path())
+            .filter(|p| p.to_string_lossy().ends_with(suffix))
+            .collect();
+        names.sort();
+        names
+            .iter()
+            .map(|n| serde_json::from_str(&fs::read_to_string(n).expect("read")).expect("json"))
+            .collect()
+    }
+
+    #[test]
+    fn room_grows_by_doubling_within_the_body_bound() {
+        // (has, keep, max) -> room
+        for (has, keep, max, room) in [
+            (0, 10, 1 << 20, FIRST_ROOM),
+            (0, 10, 100, 100),
+            (0, 20_000, 1 << 20, 20_000),
+            (8192, 8193, 1 << 20, 16_384),
+            (8192, 40_000, 1 << 20, 40_000),
+            (600_000, 600_001, 1 << 20, 1 << 20),
+            (
+                usize::MAX / 2 + 1,
+                usize::MAX / 2 + 2,
+                usize::MAX,
+                usize::MAX,
+            ),
+        ] {
+            assert_eq!(room_wanted(has, keep, max), room, "{has} {keep} {max}");
+        }
+    }
+
+    #[test]
+    fn dumps_together_hold_at_most_the_memory_budget() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let budget = 64 << 10;
+        let dumper = Dumper::new(
+            dir.path(),
+            1 << 20,
+            budget,
+            Logger::new(LogFormat::Text, LogLevel::Error),
+        )
+        .expect("dumper");
+        let h = HeaderMap::new();
+        let chunk = vec![b'a'; 16 << 10];
+        let (mut a, _) = dumper.begin(&Method::POST, "/a", &h).expect("room");
+        let (mut b, _) = dumper.begin(&Method::POST, "/b", &h).expect("room");
+        for _ in 0..3 {
+            a.push(&chunk);
+        }
+        assert!(dumper.held() <= budget);
+        for _ in 0..3 {
+            b.push(&chunk);
+            assert!(dumper.held() <= budget, "{}", dumper.held());
+        }
+        // `b` was cut; whatever room frees up later, it keeps nothing more (no holes).
+        a.finish();
+        assert!(dumper.wait_written(Duration::from_secs(5)));
+        b.push(b"more");
+        b.finish();
+        assert!(dumper.wait_written(Duration::from_secs(5)));
+        assert_eq!(dumper.held(), 0, "all memory given back once written");
+        let reqs = read_dump(dir.path(), "-request.json");
+        assert_eq!(reqs.len(), 2);
+        assert_eq!(reqs[0]["body"].as_str().map(str::len), Some(48 << 10));
+        assert!(reqs[0].get("body_truncated").is_none());
+        let kept = reqs[1]["body"].as_str().unwrap_or_default();
+        assert!(!kept.is_empty() && kept.len() < 16 << 10, "{}", kept.len());
+        assert!(
+            kept.bytes().all(|c| c == b'a'),
+            "nothing kept after the cut"
+        );
+        assert_eq!(reqs[1]["body_truncated"], true);
+        assert_eq!(reqs[1]["body_bytes"], (48 << 10) + 4);
+        assert_eq!(reqs[1]["body_truncated_by"], "--dump-max-memory");
+        // With the memory back, a new exchange is copied whole again.
+        let (mut c, _) = dumper.begin(&Method::POST, "/c", &h).expect("room");
+        c.push(&chunk);
+        c.finish();
+        assert!(dumper.wait_written(Duration::from_secs(5)));
+        let reqs = read_dump(dir.path(), "-request.json");
+        assert_eq!(reqs[2]["body"].as_str().map(str::len), Some(16 << 10));
+    }
+
+    #[test]
+    fn an_exchange_with_no_room_for_its_head_is_not_dumped_and_counted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let dumper = Dumper::new(
+            dir.path(),
+            1 << 20,
+            64 << 10,
+            Logger::new(LogFormat::Text, LogLevel::Error),
+        )
+        .expect("dumper");
+        let h = HeaderMap::new();
+        let (mut a, slot) = dumper.begin(&Method::POST, "/a", &h).expect("room");
+        a.push(&vec![b'a'; 64 << 10]);
+        assert!(dumper.begin(&Method::POST, "/b", &h).is_none());
+        assert!(slot.open(StatusCode::OK, &h).is_none());
+        assert_eq!(dumper.skipped(), 2);
+        drop(a);
+        assert!(dumper.wait_written(Duration::from_secs(5)));
+        assert_eq!(dumper.held(), 0);
+        assert!(dumper.begin(&Method::POST, "/c", &h).is_some());
+        // Once closed, dumps are no longer taken, and their memory is given back.
+        assert!(dumper.close(Duration::from_secs(5)));
+        let (mut d, _) = dumper.begin(&Method::POST, "/d", &h).expect("room");
+        d.push(b"x");
+        d.finish();
+        assert_eq!(dumper.held(), 0);
+        assert_eq!(dumper.skipped(), 3);
+        assert_eq!(read_dump(dir.path(), "-request.json").len(), 2);
+    }
+
+    #[test]
+    fn a_cut_body_that_is_not_utf8_is_written_lossily() {
+        let mut c = BodyCopy::new(3);
+        c.push("éé".as_bytes());
+        let mut obj = serde_json::Map::new();
+        c.into_fields(&mut obj);
+        assert_eq!(obj["body"], "é\u{fffd}");
+        assert_eq!(obj["body_truncated_by"], "--dump-max-body");
     }
 }

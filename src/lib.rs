@@ -119,7 +119,7 @@ pub struct Prepared {
     key: ApiKey,
     token: ProxyToken,
     upstream: Upstream,
-    dumper: Option<dump::Dumper>,
+    dumper: Option<Arc<dump::Dumper>>,
     logger: Logger,
 }
 
@@ -144,7 +144,8 @@ pub fn prepare(config: Config, key: ApiKey) -> Result<Prepared, RunError> {
     .map_err(|e| RunError::Usage(e.to_string()))?;
     let dumper = match &config.dump_dir {
         Some(dir) => Some(
-            dump::Dumper::new(dir, config.dump_max_body, logger)
+            dump::Dumper::new(dir, config.dump_max_body, config.dump_max_memory, logger)
+                .map(Arc::new)
                 .map_err(|e| RunError::Runtime(e.to_string()))?,
         ),
         None => None,
@@ -227,7 +228,14 @@ pub fn serve(p: Prepared) -> Result<(), RunError> {
     };
     let cap = server::ConnectionCap::new(max_connections);
     let upstream_text = upstream_for_log(upstream.uri());
-    let proxy = Arc::new(Proxy::new(&config, port, token, key, dumper, stop_tx));
+    let proxy = Arc::new(Proxy::new(
+        &config,
+        port,
+        token,
+        key,
+        dumper.clone(),
+        stop_tx,
+    ));
 
     let loads = server::Loads::new(worker_threads);
     let mut workers = Vec::with_capacity(worker_threads.saturating_sub(1));
@@ -306,6 +314,22 @@ pub fn serve(p: Prepared) -> Result<(), RunError> {
         }
     }
     main_loop.shutdown_timeout(Duration::from_millis(200));
+    if let Some(d) = dumper {
+        if !d.close(dump::WRITE_ON_EXIT) {
+            logger.event(
+                LogLevel::Warn,
+                "dump files still queued at exit were not all written (the disk is slow)",
+                &[],
+            );
+        }
+        if d.skipped() > 0 {
+            logger.event(
+                LogLevel::Warn,
+                "some exchanges were not dumped: --dump-max-memory was in use by earlier dumps",
+                &[("not_dumped", &d.skipped().to_string())],
+            );
+        }
+    }
     if let Some(w) = written {
         w.remove();
     }

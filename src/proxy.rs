@@ -105,7 +105,7 @@ impl Proxy {
         port: u16,
         token: ProxyToken,
         key: ApiKey,
-        dumper: Option<Dumper>,
+        dumper: Option<Arc<Dumper>>,
         stop: watch::Sender<Option<StopReason>>,
     ) -> Self {
         Self {
@@ -117,7 +117,7 @@ impl Proxy {
             max_request_body: config.max_request_body,
             body_read_timeout: config.body_read_timeout,
             upstream_idle_timeout: config.upstream_idle_timeout,
-            dumper: dumper.map(Arc::new),
+            dumper,
             logger: Logger::new(config.log_format, config.log_level),
             stop,
         }
@@ -235,14 +235,14 @@ impl Proxy {
             return self.finish_error(&mut record, start, None, ProxyError::TooLarge);
         }
         let state = Arc::new(ExchangeState::new(start));
-        let (request_dump, slot) = match &self.dumper {
-            Some(d) => {
+        let (request_dump, slot) = self
+            .dumper
+            .as_ref()
+            .and_then(|d| {
                 let headers = head.fields.to_header_map();
-                let (req, slot) = d.begin(&head.method, &head.uri().to_string(), &headers);
-                (Some(req), Some(slot))
-            }
-            None => (None, None),
-        };
+                d.begin(&head.method, &head.uri().to_string(), &headers)
+            })
+            .unzip();
         let body = UpstreamRequestBody::new(
             body,
             self.max_request_body,
@@ -274,7 +274,7 @@ impl Proxy {
         let fields = mask::mask_fields(headers::to_client(fields), self.needle);
         // Read after masking, so a reflected key can never reach the log through it.
         record.upstream_request_id = fields.get(b"x-request-id").and_then(sanitize_request_id);
-        let dump = slot.map(|s| s.open(status, &fields.to_header_map()));
+        let dump = slot.and_then(|s| s.open(status, &fields.to_header_map()));
         let stream = ResponseStream::new(
             rbody,
             StreamMask::of(self.needle),
@@ -342,9 +342,8 @@ impl Proxy {
     ) -> Reply {
         let (status, error_type, code, message) = e.parts();
         let body = error_body(message, error_type, code);
-        if let Some(slot) = slot {
-            slot.open(status, &http::HeaderMap::new())
-                .finish_with(&body);
+        if let Some(dump) = slot.and_then(|s| s.open(status, &http::HeaderMap::new())) {
+            dump.finish_with(&body);
         }
         self.finish_fixed(record, start, status, code, body)
     }

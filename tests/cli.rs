@@ -64,6 +64,10 @@ fn bad_flags_exit_2_without_reading_the_key() {
             "--max-connections must be at most 1048576",
         ),
         (
+            &["--dump-max-memory", "64000"],
+            "--dump-max-memory must be at least 64KiB",
+        ),
+        (
             &["--worker-threads", "0"],
             "--worker-threads must be between 1 and 64",
         ),

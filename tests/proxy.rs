@@ -719,6 +719,109 @@ async fn dump_files_are_private_and_redacted() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dumps_past_the_memory_budget_are_cut_and_marked_not_the_exchange() {
+    let up =
+        MockUpstream::plain(|r| Reply::json(200, &format!("{{\"got\":{}}}", r.body.len()))).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let dumps = dir.path().join("dumps");
+    let p = start_proxy(&[
+        "--upstream-url",
+        &up.url(),
+        "--dump-dir",
+        dumps.to_str().expect("utf8"),
+        "--dump-max-memory",
+        "64KiB",
+        "--log-level",
+        "warn",
+    ]);
+    let body = format!("{{\"input\":\"{}\"}}", "a".repeat(200 << 10));
+    let (status, _, answer) = exchange(p.port, p.responses_request(&body)).await;
+    assert_eq!(status, 200);
+    // The upstream got every byte: only the copy was cut.
+    assert_eq!(answer, format!("{{\"got\":{}}}", body.len()).as_bytes());
+    let file = poll_until(Duration::from_secs(5), "the request's dump", || {
+        let f = std::fs::read_dir(&dumps)
+            .ok()?
+            .map(|e| e.expect("entry").path())
+            .find(|f| f.to_string_lossy().ends_with("-request.json"))?;
+        serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(&f).ok()?).ok()
+    });
+    assert_eq!(file["body_truncated"], true, "{}", file["body"]);
+    assert_eq!(file["body_bytes"], body.len());
+    assert_eq!(file["body_truncated_by"], "--dump-max-memory");
+    let kept = file["body"].as_str().expect("text");
+    assert!(
+        kept.len() < 64 << 10 && body.starts_with(kept),
+        "{}",
+        kept.len()
+    );
+    let log = poll_until(Duration::from_secs(5), "the warning", || {
+        let t = p.stderr_text();
+        t.contains("dumps are using all of --dump-max-memory")
+            .then_some(t)
+    });
+    assert!(log.contains("max_memory=65536"), "{log}");
+    // The response's dump was written, or (its head finding no room while the request's
+    // was still queued) counted as not dumped.
+    let mut p = p;
+    let log = p.stop_and_read_log();
+    let responses = std::fs::read_dir(&dumps)
+        .expect("ls")
+        .filter(|e| {
+            e.as_ref()
+                .expect("entry")
+                .path()
+                .to_string_lossy()
+                .ends_with("-response.json")
+        })
+        .count();
+    let not_dumped = if responses == 1 { "" } else { "not_dumped=1" };
+    assert_eq!(
+        log.contains("some exchanges were not dumped"),
+        !not_dumped.is_empty(),
+        "{log}"
+    );
+    assert!(log.contains(not_dumped), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_dumps_are_written_before_the_proxy_exits() {
+    let up = MockUpstream::plain(|_| Reply::json(200, "{}")).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let dumps = dir.path().join("dumps");
+    let mut p = start_proxy(&[
+        "--upstream-url",
+        &up.url(),
+        "--dump-dir",
+        dumps.to_str().expect("utf8"),
+    ]);
+    // Enough to keep the writer busy well past the moment the proxy is told to stop.
+    let body = format!("{{\"input\":\"{}\"}}", "a".repeat(4 << 20));
+    let n = 24;
+    let tasks: Vec<_> = (0..n)
+        .map(|_| tokio::spawn(exchange(p.port, p.responses_request(&body))))
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.expect("task").0, 200);
+    }
+    let log = p.stop_and_read_log();
+    // No waiting here: the proxy has exited, so every file must be there, complete.
+    let files: Vec<_> = std::fs::read_dir(&dumps)
+        .expect("ls")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    assert_eq!(files.len(), 2 * n, "{log}");
+    for f in &files {
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(f).expect("read")).expect("complete");
+        if f.to_string_lossy().ends_with("-request.json") {
+            assert_eq!(v["body"]["input"].as_str().map(str::len), Some(4 << 20));
+        }
+    }
+    assert!(!log.contains("were not all written"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unwritable_dump_dir_never_affects_proxying() {
     let up = MockUpstream::plain(|_| Reply::json(200, "{}")).await;
     let dir = tempfile::tempdir().expect("dir");
