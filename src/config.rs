@@ -114,7 +114,7 @@ pub struct Args {
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
     pub body_read_timeout: Duration,
 
-    /// On SIGTERM/SIGINT, how long in-flight requests may run before they are cut.
+    /// On SIGTERM/SIGINT/SIGHUP, how long in-flight requests may run before they are cut.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
 

@@ -179,7 +179,7 @@ async fn drain_signal(mut rx: watch::Receiver<Option<Duration>>) -> Duration {
     }
 }
 
-/// Binds, announces, serves until SIGTERM/SIGINT or `GET /shutdown`, then cleans up.
+/// Binds, announces, serves until SIGTERM/SIGINT/SIGHUP or `GET /shutdown`, then cleans up.
 ///
 /// `--worker-threads` threads serve connections, the calling thread being the first. Each
 /// runs its own single-threaded event loop and keeps its own upstream pool, so a request is
@@ -207,16 +207,19 @@ pub fn serve(p: Prepared) -> Result<(), RunError> {
         .and_then(|a| listener.set_nonblocking(true).map(|()| a.port()))
         .map_err(|source| RunError::Listen { addr, source })?;
 
-    let (sigterm, sigint) = {
+    // SIGHUP (the terminal the proxy ran in has gone) stops it as SIGTERM does, rather than
+    // killing it with the server-info file left behind: there is nothing to reload.
+    let signals = {
         let _in_loop = main_loop.enter();
         let sig = |kind, name: &str| {
             tokio::signal::unix::signal(kind)
                 .map_err(|e| RunError::Runtime(format!("cannot handle {name}: {e}")))
         };
-        (
-            sig(tokio::signal::unix::SignalKind::terminate(), "SIGTERM")?,
-            sig(tokio::signal::unix::SignalKind::interrupt(), "SIGINT")?,
-        )
+        Signals {
+            term: sig(tokio::signal::unix::SignalKind::terminate(), "SIGTERM")?,
+            int: sig(tokio::signal::unix::SignalKind::interrupt(), "SIGINT")?,
+            hup: sig(tokio::signal::unix::SignalKind::hangup(), "SIGHUP")?,
+        }
     };
 
     let (stop_tx, stop_rx) = watch::channel(None);
@@ -296,7 +299,7 @@ pub fn serve(p: Prepared) -> Result<(), RunError> {
         let listener = TcpListener::from_std(listener)
             .map_err(|e| RunError::Runtime(format!("cannot use the listener: {e}")))?;
         let shutdown = async move {
-            let grace = shutdown_requested(sigterm, sigint, stop_rx, grace, logger).await;
+            let grace = shutdown_requested(signals, stop_rx, grace, logger).await;
             let _ = drain_tx.send(Some(grace));
             grace
         };
@@ -392,17 +395,33 @@ fn upstream_for_log(uri: &http::Uri) -> String {
     )
 }
 
-/// Waits for SIGTERM, SIGINT or an authorised `GET /shutdown`; returns the grace period.
+/// The signals that stop the proxy.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+/// Waits for SIGTERM, SIGINT, SIGHUP or an authorised `GET /shutdown`; returns the grace
+/// period.
 async fn shutdown_requested(
-    mut sigterm: tokio::signal::unix::Signal,
-    mut sigint: tokio::signal::unix::Signal,
+    mut signals: Signals,
     mut stop_rx: watch::Receiver<Option<StopReason>>,
     grace: Duration,
     logger: Logger,
 ) -> Duration {
+    let stopped_by = |name: &str| {
+        logger.event(
+            LogLevel::Info,
+            &format!("{name} received; shutting down"),
+            &[],
+        );
+        grace
+    };
     tokio::select! {
-        _ = sigterm.recv() => { logger.event(LogLevel::Info, "SIGTERM received; shutting down", &[]); grace }
-        _ = sigint.recv() => { logger.event(LogLevel::Info, "SIGINT received; shutting down", &[]); grace }
+        _ = signals.term.recv() => stopped_by("SIGTERM"),
+        _ = signals.int.recv() => stopped_by("SIGINT"),
+        _ = signals.hup.recv() => stopped_by("SIGHUP"),
         _ = stop_rx.wait_for(|r| *r == Some(StopReason::HttpShutdown)) => {
             logger.event(LogLevel::Info, "GET /shutdown received; shutting down", &[]);
             grace.min(HTTP_SHUTDOWN_GRACE)

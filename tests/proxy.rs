@@ -579,6 +579,37 @@ async fn sigterm_drains_in_flight_requests_then_exits_zero() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_stops_the_proxy_cleanly_like_sigterm() {
+    let up = MockUpstream::plain(|_| Reply {
+        head_delay: Duration::from_millis(300),
+        ..Reply::json(200, r#"{"late":true}"#)
+    })
+    .await;
+    let mut p = start_proxy(&["--upstream-url", &up.url()]);
+    let port = p.port;
+    let req = p.responses_request("{}");
+    let inflight = tokio::spawn(async move { exchange(port, req).await });
+    poll_until_async(Duration::from_secs(5), "request upstream", || {
+        (up.count() == 1).then_some(())
+    })
+    .await;
+    // The terminal went away: the in-flight request still finishes, the server-info file
+    // (and its token) is removed, exit 0.
+    p.signal("HUP");
+    let (status, _, body) = inflight.await.expect("join");
+    assert_eq!(status, 200);
+    assert_eq!(body, br#"{"late":true}"#);
+    let st = p.wait_exit(Duration::from_secs(5));
+    assert_eq!(st.code(), Some(0), "{st}");
+    assert!(!p.info_path.exists());
+    let log = poll_until(Duration::from_secs(5), "the last line", || {
+        let t = p.stderr_text();
+        t.contains("stopped").then_some(t)
+    });
+    assert!(log.contains("SIGHUP received; shutting down"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigint_with_a_stuck_request_exits_after_the_grace_period() {
     let up = MockUpstream::plain(|_| Reply {
         hang: true,
