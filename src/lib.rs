@@ -352,7 +352,10 @@ fn open_files_for(
         // Not knowable: serve as configured (running out is still handled, by backing off).
         return Ok(max_connections);
     };
-    let plan = server::descriptor_plan(max_connections, workers, soft, hard);
+    // No soft limit above `fs.nr_open` is accepted, whatever the hard limit says (it may be
+    // unlimited).
+    let ceiling = hard.min(nr_open());
+    let plan = server::descriptor_plan(max_connections, workers, soft, ceiling);
     let (limit, connections) = match plan.raise_to {
         Some(to) if sys::set_open_files_limit(to, hard).is_ok() => (to, plan.connections),
         Some(_) => (
@@ -383,6 +386,14 @@ fn open_files_for(
         );
     }
     Ok(connections)
+}
+
+/// The most descriptors Linux lets a process have (`fs.nr_open`; its default when unreadable).
+fn nr_open() -> u64 {
+    std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(config::MAX_CONNECTIONS as u64)
 }
 
 /// Scheme, authority and path only: a query string may carry something private.
