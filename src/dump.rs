@@ -554,9 +554,16 @@ fn write_file(path: &Path, value: &Value) -> io::Result<()> {
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(path)?;
     let mut out = io::BufWriter::with_capacity(64 << 10, f);
-    serde_json::to_writer_pretty(&mut out, value).map_err(io::Error::other)?;
-    out.write_all(b"\n")?;
-    out.flush()
+    let written = serde_json::to_writer_pretty(&mut out, value)
+        .map_err(io::Error::other)
+        .and_then(|()| out.write_all(b"\n"))
+        .and_then(|()| out.flush());
+    if written.is_err() {
+        // No half-written file left behind (a full disk, the file-size limit).
+        drop(out);
+        let _ = fs::remove_file(path);
+    }
+    written
 }
 
 /// The request half of one exchange's dump; written when finished or dropped.

@@ -1,7 +1,9 @@
 //! Process hardening policy, applied by `main` before any thread exists: the process becomes
 //! non-dumpable (no core files, no same-user ptrace, `/proc/PID/mem` root-only) and
 //! dynamic-loader variables are removed from the environment so no child or re-exec
-//! inherits them.
+//! inherits them. A write past the file-size limit (`ulimit -f`: a dump file, or stderr
+//! sent to a file) fails instead of killing the process (`SIGXFSZ` ignored), so the
+//! server-info file is still removed and in-flight requests are not cut.
 //!
 //! Never exits the process: it returns an error and `main` maps it to exit code 4.
 
@@ -22,6 +24,9 @@ pub enum HardeningError {
     /// setrlimit(RLIMIT_CORE, 0) failed.
     #[error("could not disable core files (setrlimit RLIMIT_CORE): {0}")]
     CoreLimit(std::io::Error),
+    /// signal(SIGXFSZ, SIG_IGN) failed.
+    #[error("could not ignore SIGXFSZ: {0}")]
+    FileSizeSignal(std::io::Error),
 }
 
 /// Whether an environment variable name is one the dynamic loader acts on.
@@ -40,6 +45,7 @@ pub fn harden_process() -> Result<(), HardeningError> {
     #[cfg(target_os = "macos")]
     sys::deny_attach().map_err(HardeningError::DenyAttach)?;
     sys::disable_core_files().map_err(HardeningError::CoreLimit)?;
+    sys::ignore_file_size_signal().map_err(HardeningError::FileSizeSignal)?;
     for name in sys::env_names() {
         if is_loader_variable(&name) {
             sys::remove_env_var(OsStr::from_bytes(&name));

@@ -281,7 +281,12 @@ pub fn serve(p: Prepared) -> Result<(), RunError> {
             // The one place the token is printed: labelled, on its own line, only when
             // there is no server-info file to carry it.
             crate::log::flush(Duration::from_millis(200));
-            eprintln!("proxy token: {}", proxy.token().as_str());
+            // Nobody could ever learn the token: not worth serving.
+            crate::log::stderr_line(&["proxy token: ", proxy.token().as_str()]).map_err(|e| {
+                RunError::Runtime(format!(
+                    "cannot print the proxy token to stderr ({e}); use --server-info"
+                ))
+            })?;
             None
         }
     };

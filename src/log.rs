@@ -525,6 +525,18 @@ pub fn start(format: LogFormat) {
     sink(format);
 }
 
+/// Writes one line, made of `parts`, straight to stderr (not through the queue): for the few
+/// lines written before logging starts or in its place. Unlike `eprintln!`, which panics
+/// when the write fails, a stderr that takes nothing (a pipe whose reader is gone, a full
+/// disk) is the caller's to judge; for a warning it is no reason to stop.
+pub fn stderr_line(parts: &[&str]) -> std::io::Result<()> {
+    let mut err = std::io::stderr().lock();
+    for part in parts {
+        err.write_all(part.as_bytes())?;
+    }
+    err.write_all(b"\n")
+}
+
 /// Waits until every line logged so far is written, at most `limit` (a stderr nobody
 /// reads must not hold up the exit); before the process exits or writes to stderr itself.
 pub fn flush(limit: Duration) {

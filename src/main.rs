@@ -25,7 +25,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             if !matches!(e, RunError::UsageReported) {
-                eprintln!("responses-api-proxy: error: {e}");
+                let _ = log::stderr_line(&["responses-api-proxy: error: ", &e.to_string()]);
             }
             ExitCode::from(e.exit_code())
         }
@@ -50,20 +50,22 @@ fn run() -> Result<(), RunError> {
     let config = Config::from_args(args).map_err(|e| RunError::Usage(e.to_string()))?;
     let key = ApiKey::read_from_stdin()?;
     if let Some(e) = key.lock_error() {
-        eprintln!(
+        let _ = log::stderr_line(&[&format!(
             "responses-api-proxy: warning: could not lock the key in memory ({e}); it may be \
              written to swap. Raise RLIMIT_MEMLOCK (ulimit -l) to fix this."
-        );
+        )]);
     }
     if let Err(e) = sys::replace_stdin_with_dev_null() {
-        eprintln!("responses-api-proxy: warning: could not close standard input ({e})");
+        let _ = log::stderr_line(&[&format!(
+            "responses-api-proxy: warning: could not close standard input ({e})"
+        )]);
     }
     for name in sys::scrub_env_values_equal_to(key.expose_bytes()) {
-        eprintln!(
+        let _ = log::stderr_line(&[&format!(
             "responses-api-proxy: warning: environment variable {name} held the API key; it \
              was wiped and removed. Launch the proxy with `env -u {name}` so the key never \
              sits in its environment."
-        );
+        )]);
     }
     let prepared = responses_api_proxy::prepare(config, key)?;
     responses_api_proxy::serve(prepared)

@@ -144,9 +144,9 @@ impl ApiKey {
         let _ = sys::madvise_dontdump(region);
         region[..BEARER.len()].copy_from_slice(BEARER);
         let echo_guard = if sys::is_terminal(0) {
-            eprintln!(
-                "responses-api-proxy: type or paste the API key, then press Enter (input is not echoed)"
-            );
+            let _ = crate::log::stderr_line(&[
+                "responses-api-proxy: type or paste the API key, then press Enter (input is not echoed)",
+            ]);
             sys::EchoOff::new(0).ok()
         } else {
             None

@@ -1,6 +1,6 @@
 //! The only module allowed to use `unsafe`: thin, checked wrappers over the system calls the
-//! proxy needs (read(2), shutdown(2), mmap/mlock/madvise, prctl, getrlimit/setrlimit, termios, the
-//! environment).
+//! proxy needs (read(2), shutdown(2), mmap/mlock/madvise, prctl, getrlimit/setrlimit, a signal's
+//! disposition, termios, the environment).
 //!
 //! Each function has a safe signature, turns `-1` into `io::Error`, and carries a `SAFETY:`
 //! argument on every block. Policy (what to call, when, and what a failure means) lives in
@@ -133,6 +133,18 @@ pub fn disable_core_files() -> io::Result<()> {
     };
     // SAFETY: `zero` is a valid rlimit that outlives the call.
     check(unsafe { libc::setrlimit(libc::RLIMIT_CORE, &zero) }).map(drop)
+}
+
+/// Makes a write past the file-size limit (`ulimit -f`) fail with `EFBIG` instead of
+/// killing the process with `SIGXFSZ`.
+pub fn ignore_file_size_signal() -> io::Result<()> {
+    // SAFETY: SIG_IGN installs no handler code, so nothing runs in signal context; changing
+    // a disposition has no memory-safety preconditions.
+    if unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) } == libc::SIG_ERR {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 /// The soft and hard limits on this process's open file descriptors (`RLIMIT_NOFILE`).

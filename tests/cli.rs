@@ -351,3 +351,69 @@ fn hardening_is_in_place() {
     let fd0 = std::fs::read_link(format!("/proc/{pid}/fd/0")).expect("fd0");
     assert_eq!(fd0.to_str(), Some("/dev/null"));
 }
+
+/// Starts the proxy with its stderr a pipe whose reader is already gone (a supervisor that
+/// stopped reading): every write to it fails with EPIPE.
+fn spawn_with_a_dead_stderr(args: &[&str], env: &[(&str, &str)]) -> std::process::Child {
+    use std::io::Write;
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let mut child = std::process::Command::new(bin())
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(writer)
+        .spawn()
+        .expect("spawn");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let _ = stdin.write_all(format!("{KEY}\n").as_bytes());
+    child
+}
+
+/// A warning at start (here: the key found in the environment) used to be an `eprintln!`,
+/// which panics when stderr takes nothing: the proxy died before serving (exit 101).
+#[test]
+fn a_warning_to_a_stderr_nobody_reads_does_not_stop_the_proxy() {
+    let dir = tempfile::tempdir().expect("dir");
+    let info = dir.path().join("info.json");
+    let mut child = spawn_with_a_dead_stderr(
+        &[
+            "--upstream-url",
+            UP,
+            "--server-info",
+            info.to_str().expect("utf8"),
+        ],
+        &[("OPENAI_API_KEY", KEY)],
+    );
+    poll_until(Duration::from_secs(10), "server-info", || {
+        if let Some(st) = child.try_wait().expect("wait") {
+            panic!("the proxy exited: {st}");
+        }
+        std::fs::metadata(&info)
+            .ok()
+            .filter(|m| m.len() > 0)
+            .map(drop)
+    });
+    let ok = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(ok.success());
+    let st = poll_until(Duration::from_secs(10), "exit", || {
+        child.try_wait().expect("wait")
+    });
+    assert_eq!(st.code(), Some(0), "{st}");
+    assert!(!info.exists());
+}
+
+/// Without --server-info the token's only way out is stderr: when that takes nothing the
+/// proxy could never be used, so it exits 1 (it used to panic, 101).
+#[test]
+fn without_server_info_a_stderr_that_takes_nothing_is_exit_1() {
+    let mut child = spawn_with_a_dead_stderr(&["--upstream-url", UP], &[]);
+    let st = poll_until(Duration::from_secs(10), "exit", || {
+        child.try_wait().expect("wait")
+    });
+    assert_eq!(st.code(), Some(1), "{st}");
+}

@@ -910,3 +910,57 @@ async fn a_full_stderr_does_not_hold_up_the_exit() {
     assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
     drop(child.stderr.take());
 }
+
+/// A file-size limit (`ulimit -f`) smaller than a dump: the write fails (reported once, the
+/// half-written file removed) and proxying goes on; the limit used to kill the proxy with
+/// SIGXFSZ, leaving the server-info file behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_size_limit_fails_the_dump_not_the_proxy() {
+    let up = MockUpstream::plain(|_| Reply::json(200, "{}")).await;
+    let url = up.url();
+    let dir = tempfile::tempdir().expect("dir");
+    let dumps = dir.path().join("dumps");
+    let mut p = start_proxy_under(
+        &["prlimit", "--fsize=100000"],
+        &[
+            "--upstream-url",
+            &url,
+            "--dump-dir",
+            dumps.to_str().expect("utf8"),
+        ],
+    );
+    for size in [1000, 200_000, 1000] {
+        let body = format!("{{\"input\":\"{}\"}}", "a".repeat(size));
+        let (status, _, answer) = exchange(p.port, p.responses_request(&body)).await;
+        assert_eq!(status, 200, "{size}");
+        assert_eq!(answer, b"{}");
+    }
+    let log = p.stop_and_read_log();
+    assert!(
+        log.contains("writing a dump file failed") && log.contains("File too large"),
+        "{log}"
+    );
+    assert!(log.contains("stopped"), "{log}");
+    assert!(!p.info_path.exists(), "server-info removed");
+    // Five complete files: the big request's was removed, not left half-written.
+    let mut files: Vec<_> = std::fs::read_dir(&dumps)
+        .expect("ls")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), 5, "{files:?}");
+    for f in &files {
+        let text = std::fs::read_to_string(f).expect("read");
+        assert!(
+            serde_json::from_str::<serde_json::Value>(&text).is_ok(),
+            "{}",
+            f.display()
+        );
+    }
+    assert!(
+        files
+            .iter()
+            .all(|f| !f.to_string_lossy().contains("000002-")
+                || f.to_string_lossy().ends_with("-response.json"))
+    );
+}
