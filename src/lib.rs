@@ -123,6 +123,13 @@ pub struct Prepared {
     logger: Logger,
 }
 
+impl Prepared {
+    /// Logs a warning found before logging started (in the configured format).
+    pub fn warn(&self, msg: &str, fields: &[(&str, &str)]) {
+        self.logger.event(LogLevel::Warn, msg, fields);
+    }
+}
+
 /// Validates files named by flags, generates the token and builds the upstream client.
 /// Runs on the main thread after the hardening, the key's read and the environment's
 /// scrub; the only thread it starts is the log writer (`log::start`), which touches

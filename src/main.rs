@@ -49,24 +49,34 @@ fn run() -> Result<(), RunError> {
     };
     let config = Config::from_args(args).map_err(|e| RunError::Usage(e.to_string()))?;
     let key = ApiKey::read_from_stdin()?;
+    // Warnings found before logging starts (no thread may exist before the environment is
+    // scrubbed); logged once it has, in the configured format.
+    let mut warnings: Vec<(&str, Vec<(&str, String)>)> = Vec::new();
     if let Some(e) = key.lock_error() {
-        let _ = log::stderr_line(&[&format!(
-            "responses-api-proxy: warning: could not lock the key in memory ({e}); it may be \
-             written to swap. Raise RLIMIT_MEMLOCK (ulimit -l) to fix this."
-        )]);
+        warnings.push((
+            "could not lock the key in memory; it may be written to swap (raise RLIMIT_MEMLOCK: \
+             ulimit -l)",
+            vec![("reason", e.to_string())],
+        ));
     }
     if let Err(e) = sys::replace_stdin_with_dev_null() {
-        let _ = log::stderr_line(&[&format!(
-            "responses-api-proxy: warning: could not close standard input ({e})"
-        )]);
+        warnings.push((
+            "could not close standard input",
+            vec![("reason", e.to_string())],
+        ));
     }
     for name in sys::scrub_env_values_equal_to(key.expose_bytes()) {
-        let _ = log::stderr_line(&[&format!(
-            "responses-api-proxy: warning: environment variable {name} held the API key; it \
-             was wiped and removed. Launch the proxy with `env -u {name}` so the key never \
-             sits in its environment."
-        )]);
+        let launch = format!("env -u {name}");
+        warnings.push((
+            "an environment variable held the API key; it was wiped and removed (launch the \
+             proxy with `env -u` so the key never sits in its environment)",
+            vec![("variable", name), ("launch_with", launch)],
+        ));
     }
     let prepared = responses_api_proxy::prepare(config, key)?;
+    for (msg, fields) in &warnings {
+        let fields: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        prepared.warn(msg, &fields);
+    }
     responses_api_proxy::serve(prepared)
 }

@@ -417,3 +417,87 @@ fn without_server_info_a_stderr_that_takes_nothing_is_exit_1() {
     });
     assert_eq!(st.code(), Some(1), "{st}");
 }
+
+/// The start-up warnings are found before logging starts; they are logged once it has, so
+/// with `--log-format json` every line on stderr is JSON (they used to be plain text).
+#[test]
+fn start_up_warnings_follow_the_log_format() {
+    let mut p = start_proxy_with(
+        &["--upstream-url", UP, "--log-format", "json"],
+        &format!("{KEY}\n"),
+        &[("MY_OPENAI_KEY", KEY)],
+    );
+    let log = p.stop_and_read_log();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let warning = lines
+        .iter()
+        .find(|v| v["variable"] == "MY_OPENAI_KEY")
+        .unwrap_or_else(|| panic!("no warning: {log}"));
+    assert_eq!(warning["level"], "warn");
+    assert_eq!(warning["launch_with"], "env -u MY_OPENAI_KEY");
+    assert!(!log.contains(KEY));
+}
+
+/// The key's page cannot be locked (an unprivileged user with no locked-memory allowance):
+/// a warning in the log's format, and the proxy serves.
+#[test]
+fn a_key_that_cannot_be_locked_is_a_warning_in_the_log_format() {
+    if !is_root() {
+        eprintln!("skipped: switching to the user nobody needs root (CI runs as root)");
+        return;
+    }
+    let mut child = std::process::Command::new("prlimit")
+        .args([
+            "--memlock=0",
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            bin(),
+            "--upstream-url",
+            UP,
+            "--log-format",
+            "json",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(format!("{KEY}\n").as_bytes()).expect("key");
+    }
+    let stderr = capture(child.stderr.take().expect("stderr"));
+    let text = || String::from_utf8_lossy(&stderr.lock().expect("lock")).into_owned();
+    let err = poll_until(Duration::from_secs(10), "listening", || {
+        let t = text();
+        t.contains("\"listening\"").then_some(t)
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    let warning = err
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["level"] == "warn")
+        .unwrap_or_else(|| panic!("no warning: {err}"));
+    assert!(
+        warning["msg"]
+            .as_str()
+            .is_some_and(|m| m.contains("could not lock the key") && m.contains("ulimit -l")),
+        "{warning}"
+    );
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .map(|st| {
+            st.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false)
+}
