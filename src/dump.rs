@@ -263,7 +263,7 @@ struct Queue {
     busy: bool,
     /// No more jobs: the writer stops once the queue is empty.
     closed: bool,
-    /// The writer thread has ended (or never started).
+    /// The writer thread has ended.
     gone: bool,
 }
 
