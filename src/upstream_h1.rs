@@ -317,13 +317,20 @@ impl H1Pool {
             Some(Err(e)) => return Err(H1Failure::Body(e)),
             None => None,
         };
-        let body_done = first.is_none();
+        let (first, body_done) = match first {
+            Some(d) if !d.is_empty() => {
+                let (d, ended) = gather(&mut body, d).await?;
+                (Some(d), ended)
+            }
+            Some(d) => (Some(d), false),
+            None => (None, true),
+        };
         let (data, tail): (Bytes, &'static [u8]) = match first {
             // An empty frame is no chunk (a zero-size chunk would end the body).
             Some(d) if d.is_empty() => (Bytes::new(), b""),
             Some(d) if chunked => {
                 h1::push_chunk_size(&mut head, d.len());
-                (d, b"\r\n")
+                (d, if body_done { b"\r\n0\r\n\r\n" } else { b"\r\n" })
             }
             Some(d) => (d, b""),
             None if chunked => {
@@ -577,16 +584,22 @@ async fn write_body(
                 if data.is_empty() {
                     continue;
                 }
+                let (data, ended) = gather(body, data).await?;
                 let mut size = Vec::new();
-                let tail: &[u8] = if chunked {
-                    h1::push_chunk_size(&mut size, data.len());
-                    b"\r\n"
-                } else {
-                    b""
+                let tail: &[u8] = match (chunked, ended) {
+                    (true, true) => b"\r\n0\r\n\r\n",
+                    (true, false) => b"\r\n",
+                    (false, _) => b"",
                 };
+                if chunked {
+                    h1::push_chunk_size(&mut size, data.len());
+                }
                 write_parts(wr, &[&size, &data, tail])
                     .await
                     .map_err(H1Failure::Io)?;
+                if ended {
+                    return Ok(());
+                }
             }
             Some(Err(e)) => return Err(H1Failure::Body(e)),
             None => {
@@ -597,6 +610,51 @@ async fn write_body(
             }
         }
     }
+}
+
+/// A body frame smaller than this is sent together with the frames already waiting after
+/// it, up to about `GATHER_UP_TO` bytes; larger ones go out as they are (no copy).
+const GATHER_BELOW: usize = 16 << 10;
+
+/// Where gathering stops (it may pass this by one frame, at most a read of 64 KiB).
+const GATHER_UP_TO: usize = 64 << 10;
+
+/// `first` and, when it is small, the body frames that are ready now after it, as one
+/// piece; and whether the body ended among them. A client that sends its body in tiny
+/// chunks (each one decoded as a frame) would otherwise cost a write per chunk, a system
+/// call and a chunk for the upstream to parse: 4.6 s of the proxy's time for 6 MB sent as
+/// a million one-byte chunks. Only frames already there are taken; nothing waits for more.
+async fn gather(body: &mut UpstreamRequestBody, first: Bytes) -> Result<(Bytes, bool), H1Failure> {
+    if first.len() >= GATHER_BELOW {
+        return Ok((first, false));
+    }
+    let mut joined: Option<BytesMut> = None;
+    let len = |j: &Option<BytesMut>| j.as_ref().map_or(first.len(), BytesMut::len);
+    let mut ended = false;
+    while len(&joined) < GATHER_UP_TO {
+        let now = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *body).poll_frame(cx)));
+        match now.await {
+            Poll::Pending => break,
+            Poll::Ready(None) => {
+                ended = true;
+                break;
+            }
+            Poll::Ready(Some(Err(e))) => return Err(H1Failure::Body(e)),
+            Poll::Ready(Some(Ok(frame))) => {
+                let Ok(data) = frame.into_data() else {
+                    continue; // request trailers are not forwarded
+                };
+                joined
+                    .get_or_insert_with(|| {
+                        let mut j = BytesMut::with_capacity(GATHER_UP_TO);
+                        j.extend_from_slice(&first);
+                        j
+                    })
+                    .extend_from_slice(&data);
+            }
+        }
+    }
+    Ok((joined.map_or(first, BytesMut::freeze), ended))
 }
 
 /// Most interim (1xx) heads skipped before a final one.

@@ -245,15 +245,28 @@ async fn request_body_limit() {
     let (status, _, _) = exchange(p.port, p.responses_request(&ok)).await;
     assert_eq!(status, 200);
     assert_eq!(up.count(), 1);
-    // Chunked, no length: cut mid-stream, 413, and the upstream never gets a whole request.
-    let raw = format!(
-        "POST /v1/responses HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\nx-proxy-token: {}\r\ntransfer-encoding: chunked\r\n\r\n400\r\n{}\r\n400\r\n{}\r\n0\r\n\r\n",
-        p.host(),
-        p.token,
+    // Chunked, no length, the whole body in hand at once: 413, and nothing of it goes
+    // upstream (the pieces already received go out together, and the limit is crossed
+    // among them).
+    let chunked = |p: &ProxyProc, body: &str| {
+        format!(
+            "POST /v1/responses HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\n\
+             x-proxy-token: {}\r\ntransfer-encoding: chunked\r\n\r\n{body}",
+            p.host(),
+            p.token,
+        )
+    };
+    let two_chunks = format!(
+        "400\r\n{}\r\n400\r\n{}\r\n0\r\n\r\n",
         "a".repeat(1024),
         "b".repeat(1024)
     );
-    let out = raw_exchange(p.port, raw.as_bytes(), Duration::from_secs(5)).await;
+    let out = raw_exchange(
+        p.port,
+        chunked(&p, &two_chunks).as_bytes(),
+        Duration::from_secs(5),
+    )
+    .await;
     let text = String::from_utf8_lossy(&out);
     assert!(text.starts_with("HTTP/1.1 413"), "{text}");
     assert_eq!(
@@ -261,10 +274,37 @@ async fn request_body_limit() {
         1,
         "the oversized chunked body never completed upstream"
     );
+    // The limit crossed mid-stream, after the first chunk went upstream: 413, and the
+    // upstream's request is aborted, never completed. (A proxy of its own, so that the
+    // upstream connection is a new one and its arrival says the first chunk went out.)
+    let up = MockUpstream::plain(|_| Reply::json(200, "{}")).await;
+    let p = start_proxy(&["--upstream-url", &up.url(), "--max-request-body", "1KiB"]);
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", p.port))
+        .await
+        .expect("connect");
+    let first = format!("400\r\n{}\r\n", "a".repeat(1024));
+    s.write_all(chunked(&p, &first).as_bytes())
+        .await
+        .expect("first");
+    poll_until_async(Duration::from_secs(5), "the upstream connection", || {
+        (*up.state.connections.lock().expect("lock") == 1).then_some(())
+    })
+    .await;
+    s.write_all(format!("400\r\n{}\r\n0\r\n\r\n", "b".repeat(1024)).as_bytes())
+        .await
+        .expect("rest");
+    let mut answer = [0u8; 12];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut answer))
+        .await
+        .expect("an answer in time")
+        .expect("read");
+    assert_eq!(&answer, b"HTTP/1.1 413");
     poll_until_async(Duration::from_secs(5), "aborted upstream body", || {
         (*up.state.incomplete.lock().expect("lock") == 1).then_some(())
     })
     .await;
+    assert_eq!(up.count(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
