@@ -262,7 +262,15 @@ impl H1Pool {
             let addrs = tokio::net::lookup_host((self.host.as_str(), self.port))
                 .await
                 .map_err(H1Failure::Connect)?;
-            let stream = connect_first(addrs.collect()).await.map_err(|e| {
+            let addrs = allowed_addresses(addrs, self.tls.is_some());
+            if addrs.is_empty() {
+                return Err(H1Failure::Connect(io::Error::new(
+                    io::ErrorKind::AddrNotAvailable,
+                    "the upstream host resolved to no loopback address, and plain http goes \
+                     only to loopback (fix the resolver's entry for it, or use https)",
+                )));
+            }
+            let stream = connect_first(addrs).await.map_err(|e| {
                 if e.kind() == io::ErrorKind::TimedOut {
                     H1Failure::ConnectTimeout
                 } else {
@@ -384,6 +392,19 @@ impl H1Pool {
         }
         Ok((head_in.status, head_in.fields, body))
     }
+}
+
+/// The resolved addresses a connection may go to. Without TLS (nothing protects the key on
+/// the wire) only loopback ones, whatever the name resolved to: `localhost` is looked up like
+/// any name, and a resolver with no hosts entry for it may ask DNS, even try it under the
+/// search domains first.
+fn allowed_addresses(
+    addrs: impl Iterator<Item = std::net::SocketAddr>,
+    tls: bool,
+) -> Vec<std::net::SocketAddr> {
+    addrs
+        .filter(|a| tls || a.ip().to_canonical().is_loopback())
+        .collect()
 }
 
 /// How long a connection attempt runs alone before the next address is tried alongside it
@@ -1019,6 +1040,55 @@ mod tests {
             size.0,
             ReadSize::MAX,
             "filled reads double it, up to the cap"
+        );
+    }
+
+    #[test]
+    fn plain_http_goes_only_to_loopback_addresses() {
+        let addrs: Vec<std::net::SocketAddr> = [
+            "127.0.0.1:80",
+            "10.0.0.1:80",
+            "[::1]:80",
+            "[2001:db8::1]:80",
+            "[::ffff:127.0.0.2]:80",
+            "[::ffff:192.0.2.1]:80",
+            "127.9.9.9:80",
+        ]
+        .iter()
+        .map(|a| a.parse().expect("addr"))
+        .collect();
+        let plain: Vec<String> = allowed_addresses(addrs.iter().copied(), false)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            plain,
+            [
+                "127.0.0.1:80",
+                "[::1]:80",
+                "[::ffff:127.0.0.2]:80",
+                "127.9.9.9:80"
+            ]
+        );
+        assert_eq!(allowed_addresses(addrs.iter().copied(), true), addrs);
+    }
+
+    /// A plain-http upstream whose name resolves elsewhere is not connected to at all (a
+    /// documentation-range address stands in for a host that a resolver put behind
+    /// `localhost`: it is never contacted).
+    #[tokio::test]
+    async fn a_plain_upstream_that_is_not_loopback_is_never_contacted() {
+        let uri: http::Uri = "http://192.0.2.1:9/v1/responses".parse().expect("uri");
+        let pool = H1Pool::new(&uri, None, Duration::from_secs(5), Duration::from_secs(5));
+        let started = Instant::now();
+        let Err(H1Failure::Connect(e)) = pool.connect().await else {
+            panic!("connected");
+        };
+        assert_eq!(e.kind(), io::ErrorKind::AddrNotAvailable);
+        assert!(e.to_string().contains("no loopback address"), "{e}");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "no connect was tried"
         );
     }
 }
