@@ -484,11 +484,13 @@ impl Dumper {
         fields.insert("method".into(), Value::from(method.as_str()));
         fields.insert("url".into(), Value::from(url));
         fields.insert("headers".into(), Value::from(dump_headers(headers)));
-        let req = RequestDump {
-            shared: Arc::clone(&self.shared),
-            parts: Some((format!("{prefix}-request.json"), fields, head)),
-            body: Some(self.shared.body(self.max_body)),
-        };
+        let req = RequestDump(Half::new(
+            Arc::clone(&self.shared),
+            format!("{prefix}-request.json"),
+            fields,
+            head,
+            self.max_body,
+        ));
         Some((req, slot))
     }
 
@@ -566,24 +568,37 @@ fn write_file(path: &Path, value: &Value) -> io::Result<()> {
     written
 }
 
-/// The request half of one exchange's dump; written when finished or dropped.
+/// One file's worth of an exchange: its head, and the body as it is copied.
 #[derive(Debug)]
-pub struct RequestDump {
+struct Half {
     shared: Arc<Shared>,
     parts: Option<(String, serde_json::Map<String, Value>, Held)>,
     body: Option<BodyCopy>,
 }
 
-impl RequestDump {
-    /// Copies a chunk of the request body.
-    pub fn push(&mut self, chunk: &[u8]) {
+impl Half {
+    fn new(
+        shared: Arc<Shared>,
+        name: String,
+        fields: serde_json::Map<String, Value>,
+        head: Held,
+        max_body: usize,
+    ) -> Self {
+        Self {
+            body: Some(shared.body(max_body)),
+            shared,
+            parts: Some((name, fields, head)),
+        }
+    }
+
+    fn push(&mut self, chunk: &[u8]) {
         if let Some(b) = &mut self.body {
             b.push(chunk);
         }
     }
 
-    /// Queues the request file now (also done on drop).
-    pub fn finish(&mut self) {
+    /// Queues the file (once).
+    fn finish(&mut self, stream_error: Option<&'static str>) {
         let (Some((name, fields, head)), Some(body)) = (self.parts.take(), self.body.take()) else {
             return;
         };
@@ -591,9 +606,25 @@ impl RequestDump {
             name,
             fields,
             body,
-            stream_error: None,
+            stream_error,
             head,
         });
+    }
+}
+
+/// The request half of one exchange's dump; written when finished or dropped.
+#[derive(Debug)]
+pub struct RequestDump(Half);
+
+impl RequestDump {
+    /// Copies a chunk of the request body.
+    pub fn push(&mut self, chunk: &[u8]) {
+        self.0.push(chunk);
+    }
+
+    /// Queues the request file now (also done on drop).
+    pub fn finish(&mut self) {
+        self.0.finish(None);
     }
 }
 
@@ -619,28 +650,24 @@ impl ResponseSlot {
         let mut fields = serde_json::Map::new();
         fields.insert("status".into(), Value::from(status.as_u16()));
         fields.insert("headers".into(), Value::from(dump_headers(headers)));
-        Some(ResponseDump {
-            body: Some(self.shared.body(self.max_body)),
-            shared: self.shared,
-            parts: Some((self.name, fields, head)),
-        })
+        Some(ResponseDump(Half::new(
+            self.shared,
+            self.name,
+            fields,
+            head,
+            self.max_body,
+        )))
     }
 }
 
 /// The response half of one exchange's dump; written when finished or dropped.
 #[derive(Debug)]
-pub struct ResponseDump {
-    shared: Arc<Shared>,
-    parts: Option<(String, serde_json::Map<String, Value>, Held)>,
-    body: Option<BodyCopy>,
-}
+pub struct ResponseDump(Half);
 
 impl ResponseDump {
     /// Copies a chunk of the response body.
     pub fn push(&mut self, chunk: &[u8]) {
-        if let Some(b) = &mut self.body {
-            b.push(chunk);
-        }
+        self.0.push(chunk);
     }
 
     /// Copies a whole fixed body and queues the file.
@@ -652,16 +679,7 @@ impl ResponseDump {
     /// Queues the response file now (also done on drop); `broken` says why a stream did
     /// not end cleanly.
     pub fn finish(&mut self, broken: Option<&'static str>) {
-        let (Some((name, fields, head)), Some(body)) = (self.parts.take(), self.body.take()) else {
-            return;
-        };
-        self.shared.queue(Job {
-            name,
-            fields,
-            body,
-            stream_error: broken,
-            head,
-        });
+        self.0.finish(broken);
     }
 }
 

@@ -492,12 +492,3 @@ fn a_key_that_cannot_be_locked_is_a_warning_in_the_log_format() {
         "{warning}"
     );
 }
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .map(|st| {
-            st.lines()
-                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
-        })
-        .unwrap_or(false)
-}

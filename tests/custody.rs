@@ -15,15 +15,6 @@ use http::Request;
 use http_body_util::{BodyExt, Full};
 use tokio::sync::Notify;
 
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .map(|s| {
-            s.lines()
-                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
-        })
-        .unwrap_or(false)
-}
-
 /// A random fake key for this run, so no other process or file on the machine holds it.
 fn random_key() -> String {
     let mut raw = [0u8; 24];

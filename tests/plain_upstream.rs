@@ -638,24 +638,8 @@ impl http_body::Body for TwoChunks {
 }
 
 /// The payload of a chunked body (no extensions, no trailers).
-fn dechunk(mut wire: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let line_end = wire
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .expect("size line");
-        let size = usize::from_str_radix(std::str::from_utf8(&wire[..line_end]).expect("hex"), 16)
-            .expect("size");
-        wire = &wire[line_end + 2..];
-        if size == 0 {
-            assert_eq!(wire, b"\r\n");
-            return out;
-        }
-        out.extend_from_slice(&wire[..size]);
-        assert_eq!(&wire[size..size + 2], b"\r\n");
-        wire = &wire[size + 2..];
-    }
+fn dechunk(wire: &[u8]) -> Vec<u8> {
+    chunks_of(wire).concat()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -717,7 +701,8 @@ async fn upstream_trailers_are_not_passed_on() {
     assert_eq!(collected.to_bytes().as_ref(), b"ok");
 }
 
-/// The chunks of a chunked body: (size, payload) for each, the end excluded.
+/// The chunks of a chunked body (no extensions, no trailers), the end excluded; the framing
+/// is checked as it goes.
 fn chunks_of(mut wire: &[u8]) -> Vec<Vec<u8>> {
     let mut out = Vec::new();
     loop {
@@ -729,9 +714,11 @@ fn chunks_of(mut wire: &[u8]) -> Vec<Vec<u8>> {
             .expect("size");
         wire = &wire[line_end + 2..];
         if size == 0 {
+            assert_eq!(wire, b"\r\n");
             return out;
         }
         out.push(wire[..size].to_vec());
+        assert_eq!(&wire[size..size + 2], b"\r\n");
         wire = &wire[size + 2..];
     }
 }

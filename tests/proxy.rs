@@ -594,59 +594,42 @@ async fn http_shutdown_stops_cleanly() {
     );
 }
 
+/// SIGTERM, and SIGHUP (the terminal went away) the same way: in-flight requests finish,
+/// the server-info file (and its token) is removed, exit 0. (SIGHUP used to kill the proxy
+/// outright.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_drains_in_flight_requests_then_exits_zero() {
-    let up = MockUpstream::plain(|_| Reply {
-        head_delay: Duration::from_millis(500),
-        ..Reply::json(200, r#"{"late":true}"#)
-    })
-    .await;
-    let mut p = start_proxy(&["--upstream-url", &up.url()]);
-    let port = p.port;
-    let req = p.responses_request("{}");
-    let inflight = tokio::spawn(async move { exchange(port, req).await });
-    poll_until_async(Duration::from_secs(5), "request upstream", || {
-        (up.count() == 1).then_some(())
-    })
-    .await;
-    p.signal("TERM");
-    let (status, _, body) = inflight.await.expect("join");
-    assert_eq!(status, 200);
-    assert_eq!(body, br#"{"late":true}"#);
-    let st = p.wait_exit(Duration::from_secs(5));
-    assert_eq!(st.code(), Some(0));
-    assert!(!p.info_path.exists());
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sighup_stops_the_proxy_cleanly_like_sigterm() {
+async fn sigterm_and_sighup_drain_in_flight_requests_then_exit_zero() {
     let up = MockUpstream::plain(|_| Reply {
         head_delay: Duration::from_millis(300),
         ..Reply::json(200, r#"{"late":true}"#)
     })
     .await;
-    let mut p = start_proxy(&["--upstream-url", &up.url()]);
-    let port = p.port;
-    let req = p.responses_request("{}");
-    let inflight = tokio::spawn(async move { exchange(port, req).await });
-    poll_until_async(Duration::from_secs(5), "request upstream", || {
-        (up.count() == 1).then_some(())
-    })
-    .await;
-    // The terminal went away: the in-flight request still finishes, the server-info file
-    // (and its token) is removed, exit 0.
-    p.signal("HUP");
-    let (status, _, body) = inflight.await.expect("join");
-    assert_eq!(status, 200);
-    assert_eq!(body, br#"{"late":true}"#);
-    let st = p.wait_exit(Duration::from_secs(5));
-    assert_eq!(st.code(), Some(0), "{st}");
-    assert!(!p.info_path.exists());
-    let log = poll_until(Duration::from_secs(5), "the last line", || {
-        let t = p.stderr_text();
-        t.contains("stopped").then_some(t)
-    });
-    assert!(log.contains("SIGHUP received; shutting down"), "{log}");
+    for sig in ["TERM", "HUP"] {
+        let mut p = start_proxy(&["--upstream-url", &up.url()]);
+        let port = p.port;
+        let req = p.responses_request("{}");
+        let before = up.count();
+        let inflight = tokio::spawn(async move { exchange(port, req).await });
+        poll_until_async(Duration::from_secs(5), "request upstream", || {
+            (up.count() == before + 1).then_some(())
+        })
+        .await;
+        p.signal(sig);
+        let (status, _, body) = inflight.await.expect("join");
+        assert_eq!(status, 200, "{sig}");
+        assert_eq!(body, br#"{"late":true}"#);
+        let st = p.wait_exit(Duration::from_secs(5));
+        assert_eq!(st.code(), Some(0), "{sig}: {st}");
+        assert!(!p.info_path.exists(), "{sig}");
+        let log = poll_until(Duration::from_secs(5), "the last line", || {
+            let t = p.stderr_text();
+            t.contains("stopped").then_some(t)
+        });
+        assert!(
+            log.contains(&format!("SIG{sig} received; shutting down")),
+            "{log}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -694,6 +677,21 @@ async fn server_info_content_and_mode() {
     );
 }
 
+/// The proxy in front of `up` with `--dump-dir` (a fresh directory) and `extra` flags.
+fn proxy_with_dumps(
+    up: &MockUpstream,
+    extra: &[&str],
+) -> (tempfile::TempDir, std::path::PathBuf, ProxyProc) {
+    let dir = tempfile::tempdir().expect("dir");
+    let dumps = dir.path().join("dumps");
+    let mut args = vec!["--upstream-url".to_string(), up.url(), "--dump-dir".into()];
+    args.push(dumps.to_str().expect("utf8").into());
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let p = start_proxy(&args);
+    (dir, dumps, p)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dump_files_are_private_and_redacted() {
     let up = MockUpstream::plain(|_| {
@@ -703,14 +701,7 @@ async fn dump_files_are_private_and_redacted() {
         .header("set-cookie", "__cf_bm=secretcookie")
     })
     .await;
-    let dir = tempfile::tempdir().expect("dir");
-    let dumps = dir.path().join("dumps");
-    let p = start_proxy(&[
-        "--upstream-url",
-        &up.url(),
-        "--dump-dir",
-        dumps.to_str().expect("utf8"),
-    ]);
+    let (_dir, dumps, p) = proxy_with_dumps(&up, &[]);
     let req = Request::post("/v1/responses")
         .header("host", p.host())
         .header("content-type", "application/json")
@@ -793,18 +784,8 @@ async fn dump_files_are_private_and_redacted() {
 async fn dumps_past_the_memory_budget_are_cut_and_marked_not_the_exchange() {
     let up =
         MockUpstream::plain(|r| Reply::json(200, &format!("{{\"got\":{}}}", r.body.len()))).await;
-    let dir = tempfile::tempdir().expect("dir");
-    let dumps = dir.path().join("dumps");
-    let p = start_proxy(&[
-        "--upstream-url",
-        &up.url(),
-        "--dump-dir",
-        dumps.to_str().expect("utf8"),
-        "--dump-max-memory",
-        "64KiB",
-        "--log-level",
-        "warn",
-    ]);
+    let (_dir, dumps, mut p) =
+        proxy_with_dumps(&up, &["--dump-max-memory", "64KiB", "--log-level", "warn"]);
     let body = format!("{{\"input\":\"{}\"}}", "a".repeat(200 << 10));
     let (status, _, answer) = exchange(p.port, p.responses_request(&body)).await;
     assert_eq!(status, 200);
@@ -834,7 +815,6 @@ async fn dumps_past_the_memory_budget_are_cut_and_marked_not_the_exchange() {
     assert!(log.contains("max_memory=65536"), "{log}");
     // The response's dump was written, or (its head finding no room while the request's
     // was still queued) counted as not dumped.
-    let mut p = p;
     let log = p.stop_and_read_log();
     let responses = std::fs::read_dir(&dumps)
         .expect("ls")
@@ -858,14 +838,7 @@ async fn dumps_past_the_memory_budget_are_cut_and_marked_not_the_exchange() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queued_dumps_are_written_before_the_proxy_exits() {
     let up = MockUpstream::plain(|_| Reply::json(200, "{}")).await;
-    let dir = tempfile::tempdir().expect("dir");
-    let dumps = dir.path().join("dumps");
-    let mut p = start_proxy(&[
-        "--upstream-url",
-        &up.url(),
-        "--dump-dir",
-        dumps.to_str().expect("utf8"),
-    ]);
+    let (_dir, dumps, mut p) = proxy_with_dumps(&up, &[]);
     // Enough to keep the writer busy well past the moment the proxy is told to stop.
     let body = format!("{{\"input\":\"{}\"}}", "a".repeat(4 << 20));
     let n = 24;
@@ -895,16 +868,7 @@ async fn queued_dumps_are_written_before_the_proxy_exits() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unwritable_dump_dir_never_affects_proxying() {
     let up = MockUpstream::plain(|_| Reply::json(200, "{}")).await;
-    let dir = tempfile::tempdir().expect("dir");
-    let dumps = dir.path().join("dumps");
-    let p = start_proxy(&[
-        "--upstream-url",
-        &up.url(),
-        "--dump-dir",
-        dumps.to_str().expect("utf8"),
-        "--log-level",
-        "warn",
-    ]);
+    let (_dir, dumps, p) = proxy_with_dumps(&up, &["--log-level", "warn"]);
     // Make the directory unusable after start-up: replace it with a file.
     std::fs::remove_dir(&dumps).expect("rmdir");
     std::fs::write(&dumps, "not a dir").expect("file");

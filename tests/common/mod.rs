@@ -21,6 +21,16 @@ use http_body_util::{BodyExt, Full};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, mpsc};
 
+/// Whether the tests run as root (CI does; some tests switch to the user nobody).
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
 /// The fake key used by every test.
 pub const KEY: &str = "sk-test-0123456789abcdefghijklmnopqrstuvwxyzABCDEF";
 
