@@ -25,7 +25,7 @@ use rustls::RootCertStore;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
 
-use crate::body::UpstreamRequestBody;
+use crate::body::{GatheredBody, UpstreamRequestBody};
 use crate::config::UpstreamTarget;
 use crate::fields::Fields;
 use crate::headers;
@@ -113,7 +113,7 @@ enum Transport {
 /// The general client and the connector it was built with.
 #[derive(Clone)]
 struct Pooled {
-    client: Client<Connector, UpstreamRequestBody>,
+    client: Client<Connector, GatheredBody>,
     connector: Connector,
 }
 
@@ -323,7 +323,7 @@ impl Upstream {
     ) -> Result<UpstreamResponse, UpstreamError> {
         match &self.transport {
             Transport::Pooled(p) => {
-                let mut req = http::Request::new(body);
+                let mut req = http::Request::new(GatheredBody::new(body));
                 *req.method_mut() = Method::POST;
                 *req.uri_mut() = self.uri.clone();
                 *req.version_mut() = Version::HTTP_11;
@@ -353,7 +353,7 @@ impl Upstream {
 fn build_client(
     connector: Connector,
     pool_idle_timeout: Duration,
-) -> Client<Connector, UpstreamRequestBody> {
+) -> Client<Connector, GatheredBody> {
     Client::builder(TokioExecutor::new())
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())

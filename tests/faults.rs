@@ -964,3 +964,37 @@ async fn a_file_size_limit_fails_the_dump_not_the_proxy() {
                 || f.to_string_lossy().ends_with("-response.json"))
     );
 }
+
+/// Over HTTP/2 each piece of request body used to go out as a DATA frame of its own: a
+/// client sending its body in tiny chunks made the upstream (h2's flood protection here;
+/// other servers have theirs) close the shared connection, and the request got a 502. The
+/// pieces already received now go together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_request_chunks_over_h2_do_not_look_like_a_flood() {
+    let up = MockUpstream::tls(|r| Reply::json(200, &r.body.len().to_string())).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let ca = write_file(dir.path(), "ca.pem", up.ca_pem.as_deref().expect("ca"));
+    let p = start_proxy(&[
+        "--upstream-url",
+        &up.url(),
+        "--upstream-ca",
+        ca.to_str().expect("utf8"),
+        "--upstream-http2",
+    ]);
+    let n = 200_000;
+    let mut wire = format!(
+        "POST /v1/responses HTTP/1.1\r\nhost: {}\r\nx-proxy-token: {}\r\n\
+         content-type: application/json\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n",
+        p.host(),
+        p.token
+    )
+    .into_bytes();
+    for _ in 0..n {
+        wire.extend_from_slice(b"1\r\na\r\n");
+    }
+    wire.extend_from_slice(b"0\r\n\r\n");
+    let out = raw_exchange(p.port, &wire, Duration::from_secs(30)).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains(&format!("\r\n{n}\r\n")), "{text}");
+}
