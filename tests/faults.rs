@@ -582,6 +582,23 @@ async fn descriptor_exhaustion_backs_off_and_recovers() {
     let _ = child.wait();
 }
 
+/// The proxy in front of the TLS mock `up`, over HTTP/2 (`--upstream-http2`), with `extra`.
+fn h2_proxy(up: &MockUpstream, extra: &[&str]) -> (tempfile::TempDir, ProxyProc) {
+    let dir = tempfile::tempdir().expect("dir");
+    let ca = write_file(dir.path(), "ca.pem", up.ca_pem.as_deref().expect("ca"));
+    let url = up.url();
+    let mut args = vec![
+        "--upstream-url",
+        url.as_str(),
+        "--upstream-ca",
+        ca.to_str().expect("utf8"),
+        "--upstream-http2",
+    ];
+    args.extend_from_slice(extra);
+    let p = start_proxy(&args);
+    (dir, p)
+}
+
 /// Regression: hyper stops reading a response once `Content-Length` bytes are out, and on
 /// HTTP/2 dropping the rest cancelled the stream; after 1,024 such cancels h2 tore the
 /// pooled connection down (GOAWAY) and failed every request on it with 502. Found by the
@@ -591,17 +608,7 @@ async fn many_sized_responses_over_one_h2_connection_all_succeed() {
     let up =
         MockUpstream::tls(|_| Reply::json(200, r#"{"ok":true}"#).header("content-length", "11"))
             .await;
-    let dir = tempfile::tempdir().expect("dir");
-    let ca = write_file(dir.path(), "ca.pem", up.ca_pem.as_deref().expect("ca"));
-    let p = start_proxy(&[
-        "--upstream-url",
-        &up.url(),
-        "--upstream-ca",
-        ca.to_str().expect("utf8"),
-        "--upstream-http2",
-        "--log-level",
-        "warn",
-    ]);
+    let (_dir, p) = h2_proxy(&up, &["--log-level", "warn"]);
     // 16 clients at once, 1,250 requests each, all through the one pooled h2 connection.
     let mut tasks = Vec::new();
     for _ in 0..16 {
@@ -972,15 +979,7 @@ async fn a_file_size_limit_fails_the_dump_not_the_proxy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tiny_request_chunks_over_h2_do_not_look_like_a_flood() {
     let up = MockUpstream::tls(|r| Reply::json(200, &r.body.len().to_string())).await;
-    let dir = tempfile::tempdir().expect("dir");
-    let ca = write_file(dir.path(), "ca.pem", up.ca_pem.as_deref().expect("ca"));
-    let p = start_proxy(&[
-        "--upstream-url",
-        &up.url(),
-        "--upstream-ca",
-        ca.to_str().expect("utf8"),
-        "--upstream-http2",
-    ]);
+    let (_dir, p) = h2_proxy(&up, &[]);
     let n = 200_000;
     let mut wire = format!(
         "POST /v1/responses HTTP/1.1\r\nhost: {}\r\nx-proxy-token: {}\r\n\
