@@ -1,5 +1,6 @@
-//! The binary: harden, parse, read the key, serve (which starts the worker threads), map
-//! the result to an exit code. No logic lives here.
+//! The binary: harden, parse, read the key, prepare (which starts logging; the warnings
+//! found before it are logged then), serve (which starts the worker threads), map the
+//! result to an exit code. No logic lives here.
 
 use std::process::ExitCode;
 use std::time::Duration;
