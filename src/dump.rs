@@ -500,6 +500,12 @@ impl Dumper {
         self.shared.skipped.load(Ordering::Relaxed)
     }
 
+    /// Whether an episode of memory pressure is under way (it has been reported).
+    #[cfg(test)]
+    fn pressed(&self) -> bool {
+        self.shared.pressed.load(Ordering::Acquire)
+    }
+
     /// The memory dumps hold now.
     #[cfg(test)]
     fn held(&self) -> usize {
@@ -856,9 +862,13 @@ mod tests {
             b.push(&chunk);
             assert!(dumper.held() <= budget, "{}", dumper.held());
         }
-        // `b` was cut; whatever room frees up later, it keeps nothing more (no holes).
+        // `b` was cut, and that was reported; whatever room frees up later, it keeps nothing
+        // more (no holes).
+        assert!(dumper.pressed());
         a.finish();
         assert!(dumper.wait_written(Duration::from_secs(5)));
+        // Drained to half or less: the next shortage is a new episode, reported again.
+        assert!(!dumper.pressed());
         b.push(b"more");
         b.finish();
         assert!(dumper.wait_written(Duration::from_secs(5)));

@@ -124,9 +124,12 @@ pub struct Prepared {
 }
 
 impl Prepared {
-    /// Logs a warning found before logging started (in the configured format).
+    /// Logs a warning found before logging started, in the configured format. Written even
+    /// at `--log-level error`: these say how the key is exposed (in the environment, not
+    /// locked), as the plain lines they replace always did.
     pub fn warn(&self, msg: &str, fields: &[(&str, &str)]) {
-        self.logger.event(LogLevel::Warn, msg, fields);
+        let level = self.config.log_level.max(LogLevel::Warn);
+        Logger::new(self.config.log_format, level).event(LogLevel::Warn, msg, fields);
     }
 }
 

@@ -439,6 +439,19 @@ fn start_up_warnings_follow_the_log_format() {
     assert_eq!(warning["level"], "warn");
     assert_eq!(warning["launch_with"], "env -u MY_OPENAI_KEY");
     assert!(!log.contains(KEY));
+    // Even at --log-level error, where every other warning is hidden.
+    let mut p = start_proxy_with(
+        &["--upstream-url", UP, "--log-level", "error"],
+        &format!("{KEY}\n"),
+        &[("MY_OPENAI_KEY", KEY)],
+    );
+    let log = p.stop_and_read_log();
+    assert!(
+        log.contains("warn an environment variable held the API key"),
+        "{log}"
+    );
+    assert!(log.contains("variable=MY_OPENAI_KEY"), "{log}");
+    assert!(!log.contains("listening"), "{log}");
 }
 
 /// The key's page cannot be locked (an unprivileged user with no locked-memory allowance):
