@@ -946,14 +946,25 @@ struct CpuRow {
     preempted: f64,
 }
 
-/// CPU time of `t`'s processes per 10,000 small POSTs, over `n` requests on 16 connections.
-async fn cpu_per_10k(t: &Target, n: usize, fails: &Arc<Failures>) -> CpuRow {
+/// Connections the CPU row's requests are spread over: 16, or `BENCH_CPU_CONNECTIONS` (1
+/// to 256) in a `--cpu-only` run.
+fn cpu_connections() -> usize {
+    std::env::var("BENCH_CPU_CONNECTIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|c| (1..=256).contains(c))
+        .unwrap_or(16)
+}
+
+/// CPU time of `t`'s processes per 10,000 small POSTs, over `n` requests on `conns`
+/// connections (each sending its share back to back).
+async fn cpu_per_10k(t: &Target, n: usize, conns: usize, fails: &Arc<Failures>) -> CpuRow {
     let pids = pids_of(t);
     let before = usage(&pids);
     let body = Bytes::from(vec![b'x'; SMALL]);
-    let per = n / 16;
+    let per = n / conns;
     let mut tasks = Vec::new();
-    for _ in 0..16 {
+    for _ in 0..conns {
         let (t, body, fails) = (t.clone(), body.clone(), Arc::clone(fails));
         tasks.push(tokio::spawn(async move {
             let mut s = connect(&t).await;
@@ -966,7 +977,7 @@ async fn cpu_per_10k(t: &Target, n: usize, fails: &Arc<Failures>) -> CpuRow {
         task.await.expect("task");
     }
     let after = usage(&pids);
-    let done = (per * 16).max(1) as f64;
+    let done = (per * conns).max(1) as f64;
     // Clock ticks are 10 ms.
     let per_10k = |ticks: u64| ticks as f64 * 10.0 * 10_000.0 / done;
     CpuRow {
@@ -1226,6 +1237,7 @@ async fn sse_only_run() {
 
 /// `--cpu-only N`: only the CPU row, N requests through the proxy (for profiling it).
 async fn cpu_only(n: usize) {
+    let conns = cpu_connections();
     let up = start_upstream().await;
     let fails = Arc::new(Failures::default());
     let https = over_https();
@@ -1239,10 +1251,10 @@ async fn cpu_only(n: usize) {
         }
     {
         let t0 = Instant::now();
-        let row = cpu_per_10k(&target, n, &fails).await;
+        let row = cpu_per_10k(&target, n, conns, &fails).await;
         println!(
             "nginx: {} requests in {:?}: {row}",
-            n / 16 * 16,
+            n / conns * conns,
             t0.elapsed()
         );
     }
@@ -1263,12 +1275,12 @@ async fn cpu_only(n: usize) {
             .chain(relay.iter().map(|(_, rt)| rt))
         {
             let t0 = Instant::now();
-            let row = cpu_per_10k(target, n, &fails).await;
+            let row = cpu_per_10k(target, n, conns, &fails).await;
             let own = cpu_split(std::process::id());
             println!(
                 "{}: {} requests in {:?}: {row}; bench process (client + upstream) so far: user {} ms, system {} ms; failures {}",
                 target.name,
-                n / 16 * 16,
+                n / conns * conns,
                 t0.elapsed(),
                 own.0 * 10,
                 own.1 * 10,
@@ -1469,7 +1481,7 @@ async fn run(quick: bool, out_path: &str) {
     let mut cpu: Vec<Vec<CpuRow>> = vec![Vec::new(); measured.len()];
     for _ in 0..reps {
         for (i, t) in measured.iter().enumerate() {
-            cpu[i].push(cpu_per_10k(t, n_cpu, &fails).await);
+            cpu[i].push(cpu_per_10k(t, n_cpu, 16, &fails).await);
         }
     }
     for (i, t) in measured.iter().enumerate() {
