@@ -2,13 +2,16 @@
 //! `NNNNNN-<unix_ms>-response.json` (the codex proxy's format: method, url, headers as
 //! `[{"name","value"}]`, body as JSON when it parses, else a string).
 //!
-//! The directory is created 0700 and files 0600 (`O_EXCL|O_NOFOLLOW`). Credential headers
+//! The directory is created 0700 (a symbolic link is refused) and held open from start-up:
+//! files are created in it by descriptor, 0600 (`openat` with `O_EXCL|O_NOFOLLOW`), so
+//! renaming the path or swapping it for a link later moves nothing. Credential headers
 //! are written as `[REDACTED]`. Body copies are bounded; a cut body is marked. A dump that
 //! fails is logged once and never affects the proxied exchange.
 
 use std::collections::VecDeque;
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -270,7 +273,8 @@ struct Queue {
 /// What the dumper, its dumps in progress and its writer share.
 #[derive(Debug)]
 struct Shared {
-    dir: PathBuf,
+    /// The dump directory, opened once at start-up.
+    dir: fs::File,
     budget: Budget,
     queue: Mutex<Queue>,
     /// Signalled when a job is queued or the queue closes.
@@ -342,11 +346,10 @@ impl Shared {
     }
 
     fn write(&self, job: Job) {
-        let path = self.dir.join(&job.name);
         let name = job.name.clone();
         // The memory stays counted until the file is written.
         let (value, _held) = job.into_value();
-        if let Err(e) = write_file(&path, &value)
+        if let Err(e) = write_file(self.dir.as_fd(), &name, &value)
             && !self.failed.swap(true, Ordering::Relaxed)
         {
             let reason = e.to_string();
@@ -404,8 +407,9 @@ pub struct DumpDirError {
 }
 
 impl Dumper {
-    /// Creates `dir` (0700) if needed and starts the writer thread. Warns when an existing
-    /// directory is open to others.
+    /// Creates `dir` (0700) if needed, opens it (refusing a symbolic link) and starts the
+    /// writer thread. Warns when an existing directory is open to others or owned by
+    /// another user.
     pub fn new(
         dir: &Path,
         max_body: usize,
@@ -416,14 +420,41 @@ impl Dumper {
             path: dir.to_path_buf(),
             source,
         };
+        let symlink = || {
+            err(io::Error::other(
+                "it is a symbolic link; give the directory's own path (a link is not followed \
+                 there, so that nobody who can change it redirects the dumps)",
+            ))
+        };
+        let not_dir = || err(io::Error::other("it exists and is not a directory"));
+        match fs::symlink_metadata(dir) {
+            Ok(m) if m.file_type().is_symlink() => return Err(symlink()),
+            Ok(m) if !m.is_dir() => return Err(not_dir()),
+            _ => {}
+        }
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(dir)
             .map_err(err)?;
-        let meta = fs::metadata(dir).map_err(err)?;
-        if !meta.is_dir() {
-            return Err(err(io::Error::other("not a directory")));
+        // Held open from here on: a later swap of the path cannot move the files.
+        let handle = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(dir)
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::ELOOP) => symlink(),
+                Some(libc::ENOTDIR) => not_dir(),
+                _ => err(e),
+            })?;
+        let meta = handle.metadata().map_err(err)?;
+        if meta.uid() != crate::sys::effective_uid() {
+            logger.event(
+                LogLevel::Warn,
+                "dump directory is owned by another user, who can delete or rename dump files \
+                 (not read them: they are 0600); consider a directory of your own",
+                &[("owner_uid", &meta.uid().to_string())],
+            );
         }
         if meta.mode() & 0o077 != 0 {
             logger.event(
@@ -433,7 +464,7 @@ impl Dumper {
             );
         }
         let shared = Arc::new(Shared {
-            dir: dir.to_path_buf(),
+            dir: handle,
             budget: Budget {
                 limit: max_memory,
                 used: AtomicUsize::new(0),
@@ -554,13 +585,9 @@ fn head_cost(headers: &HeaderMap) -> usize {
     })
 }
 
-fn write_file(path: &Path, value: &Value) -> io::Result<()> {
-    let f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)?;
+/// Writes `value` as the new file `name` (0600) in the directory `dir`.
+fn write_file(dir: BorrowedFd<'_>, name: &str, value: &Value) -> io::Result<()> {
+    let f = crate::sys::create_in(dir, name, 0o600)?;
     let mut out = io::BufWriter::with_capacity(64 << 10, f);
     let written = serde_json::to_writer_pretty(&mut out, value)
         .map_err(io::Error::other)
@@ -569,7 +596,7 @@ fn write_file(path: &Path, value: &Value) -> io::Result<()> {
     if written.is_err() {
         // No half-written file left behind (a full disk, the file-size limit).
         drop(out);
-        let _ = fs::remove_file(path);
+        let _ = crate::sys::remove_in(dir, name);
     }
     written
 }
@@ -803,6 +830,64 @@ mod tests {
         for n in &names {
             assert_eq!(fs::metadata(n).expect("meta").mode() & 0o777, 0o600);
         }
+    }
+
+    fn quiet_dumper(dir: &Path) -> Result<Dumper, DumpDirError> {
+        Dumper::new(
+            dir,
+            1024,
+            1 << 20,
+            Logger::new(LogFormat::Text, LogLevel::Error),
+        )
+    }
+
+    fn dump_one(dumper: &Dumper) {
+        let (mut req, slot) = dumper
+            .begin(&Method::POST, "/v1/responses", &HeaderMap::new())
+            .expect("room");
+        req.push(b"{}");
+        req.finish();
+        drop(slot);
+        drop(req);
+        assert!(dumper.wait_written(Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn the_directory_is_held_from_start_up_and_a_link_is_refused() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let decoy = tmp.path().join("decoy");
+        fs::create_dir(&decoy).expect("mkdir");
+        let ddir = tmp.path().join("dumps");
+        let dumper = quiet_dumper(&ddir).expect("dumper");
+        // Someone who can write the parent swaps the path for a link to their own choice.
+        let moved = tmp.path().join("moved");
+        fs::rename(&ddir, &moved).expect("rename");
+        std::os::unix::fs::symlink(&decoy, &ddir).expect("symlink");
+        dump_one(&dumper);
+        assert_eq!(
+            fs::read_dir(&decoy).expect("ls").count(),
+            0,
+            "nothing follows the link"
+        );
+        assert_eq!(
+            read_dump(&moved, "-request.json").len(),
+            1,
+            "written where it was opened"
+        );
+
+        // At start-up a link is refused, whether or not it points at a directory.
+        for link in [&ddir, &tmp.path().join("dangling")] {
+            if !link.exists() {
+                std::os::unix::fs::symlink(tmp.path().join("nowhere"), link).expect("symlink");
+            }
+            let e = quiet_dumper(link).expect_err("a link").to_string();
+            assert!(e.contains("symbolic link"), "{e}");
+        }
+        assert!(!tmp.path().join("nowhere").exists());
+        let file = tmp.path().join("file");
+        fs::write(&file, b"x").expect("write");
+        let e = quiet_dumper(&file).expect_err("a file").to_string();
+        assert!(e.contains("not a directory"), "{e}");
     }
 
     fn read_dump(dir: &Path, suffix: &str) -> Vec<Value> {

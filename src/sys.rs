@@ -1,6 +1,7 @@
 //! The only module allowed to use `unsafe`: thin, checked wrappers over the system calls the
 //! proxy needs (read(2), shutdown(2), mmap/mlock/madvise, prctl, getrlimit/setrlimit, a signal's
-//! disposition, termios, the environment).
+//! disposition, termios, the environment, files created and removed inside a directory held
+//! open).
 //!
 //! Each function has a safe signature, turns `-1` into `io::Error`, and carries a `SAFETY:`
 //! argument on every block. Policy (what to call, when, and what a failure means) lives in
@@ -145,6 +146,51 @@ pub fn ignore_file_size_signal() -> io::Result<()> {
     } else {
         Ok(())
     }
+}
+
+/// `name` as one path component for the `*at` calls: not empty, not `.` or `..`, no `/`,
+/// no NUL.
+fn component(name: &str) -> io::Result<std::ffi::CString> {
+    if name.is_empty() || name == "." || name == ".." || name.contains('/') {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a single file name",
+        ));
+    }
+    std::ffi::CString::new(name)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a file name"))
+}
+
+/// Creates the new file `name` inside the open directory `dir` for writing
+/// (`openat(2)` with `O_CREAT|O_EXCL|O_NOFOLLOW|O_CLOEXEC`, `mode`): it never opens an
+/// existing file or follows a link, and where it lands does not depend on the directory's
+/// path any more.
+pub fn create_in(
+    dir: std::os::fd::BorrowedFd<'_>,
+    name: &str,
+    mode: u32,
+) -> io::Result<std::fs::File> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let name = component(name)?;
+    let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    // SAFETY: `name` is a NUL-terminated string that lives for the whole call; `dir` is
+    // borrowed, so the descriptor stays open for the call; the mode is passed as the
+    // variadic argument O_CREAT requires, widened to an unsigned int.
+    let fd = check(unsafe {
+        libc::openat(dir.as_raw_fd(), name.as_ptr(), flags, mode as libc::c_uint)
+    })?;
+    // SAFETY: openat just returned `fd`, a new descriptor that nothing else owns; the File
+    // takes sole ownership and closes it once.
+    Ok(unsafe { std::fs::File::from_raw_fd(fd) })
+}
+
+/// Removes the file `name` from the open directory `dir` (`unlinkat(2)`).
+pub fn remove_in(dir: std::os::fd::BorrowedFd<'_>, name: &str) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let name = component(name)?;
+    // SAFETY: `name` is a NUL-terminated string that lives for the whole call; `dir` is
+    // borrowed, so the descriptor stays open for the call.
+    check(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), 0) }).map(drop)
 }
 
 /// The soft and hard limits on this process's open file descriptors (`RLIMIT_NOFILE`).
@@ -380,6 +426,45 @@ unsafe impl std::alloc::GlobalAlloc for ZeroingAlloc {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn files_are_created_and_removed_only_by_name_inside_the_held_directory() {
+        use std::io::Write;
+        use std::os::fd::AsFd;
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().expect("dir");
+        let held = std::fs::File::open(tmp.path()).expect("open dir");
+        let mut f = create_in(held.as_fd(), "a.json", 0o600).expect("create");
+        f.write_all(b"{}").expect("write");
+        drop(f);
+        let path = tmp.path().join("a.json");
+        assert_eq!(std::fs::read(&path).expect("read"), b"{}");
+        assert_eq!(
+            std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777,
+            0o600
+        );
+        // Never an existing file, nor a link (dangling or not).
+        let e = create_in(held.as_fd(), "a.json", 0o600).expect_err("exists");
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
+        std::os::unix::fs::symlink(tmp.path().join("elsewhere"), tmp.path().join("l"))
+            .expect("symlink");
+        let e = create_in(held.as_fd(), "l", 0o600).expect_err("a link");
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
+        assert!(!tmp.path().join("elsewhere").exists());
+        // One component only.
+        std::fs::create_dir(tmp.path().join("sub")).expect("mkdir");
+        for bad in ["", ".", "..", "sub/x", "../x", "/tmp/x", "a\0b"] {
+            let e = create_in(held.as_fd(), bad, 0o600).expect_err(bad);
+            assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{bad:?}");
+            let e = remove_in(held.as_fd(), bad).expect_err(bad);
+            assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{bad:?}");
+        }
+        assert!(!tmp.path().join("sub/x").exists());
+        remove_in(held.as_fd(), "a.json").expect("remove");
+        assert!(!path.exists());
+        let e = remove_in(held.as_fd(), "a.json").expect_err("gone");
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+    }
 
     #[test]
     fn zeroing_allocator_round_trips() {

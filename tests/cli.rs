@@ -454,6 +454,61 @@ fn start_up_warnings_follow_the_log_format() {
     assert!(!log.contains("listening"), "{log}");
 }
 
+/// `--dump-dir` is refused (exit 1, one line saying why) when it is a symbolic link (to a
+/// directory or not) or a file; nothing is created where a link points.
+#[test]
+fn dump_dir_refusals_exit_1_and_follow_no_link() {
+    let dir = tempfile::tempdir().expect("dir");
+    let decoy = dir.path().join("decoy");
+    std::fs::create_dir(&decoy).expect("mkdir");
+    let link = dir.path().join("dumps");
+    std::os::unix::fs::symlink(&decoy, &link).expect("symlink");
+    let file = write_file(dir.path(), "file", "x");
+    for (path, says) in [(&link, "symbolic link"), (&file, "not a directory")] {
+        let (code, err) = run_to_exit(
+            &[
+                "--upstream-url",
+                UP,
+                "--dump-dir",
+                path.to_str().expect("utf8"),
+            ],
+            format!("{KEY}\n").as_bytes(),
+        );
+        assert_eq!(code, Some(1), "{err}");
+        assert!(err.contains("--dump-dir") && err.contains(says), "{err}");
+    }
+    assert_eq!(std::fs::read_dir(&decoy).expect("ls").count(), 0);
+    assert_eq!(std::fs::read_to_string(&file).expect("file"), "x");
+}
+
+/// A dump directory that another user owns: the proxy serves and says who can delete its
+/// dump files.
+#[test]
+fn a_dump_dir_owned_by_another_user_is_a_warning() {
+    if !is_root() {
+        eprintln!("skipped: handing a directory to the user nobody needs root (CI runs as root)");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("dir");
+    let dumps = dir.path().join("dumps");
+    std::fs::create_dir(&dumps).expect("mkdir");
+    std::fs::set_permissions(&dumps, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    std::os::unix::fs::chown(&dumps, Some(65534), Some(65534)).expect("chown");
+    let mut p = start_proxy(&[
+        "--upstream-url",
+        UP,
+        "--dump-dir",
+        dumps.to_str().expect("utf8"),
+    ]);
+    let log = p.stop_and_read_log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("owned by another user"))
+        .unwrap_or_else(|| panic!("no warning: {log}"));
+    assert!(line.contains("owner_uid=65534"), "{line}");
+    assert!(!log.contains("accessible to other users"), "{log}");
+}
+
 /// The key's page cannot be locked (an unprivileged user with no locked-memory allowance):
 /// a warning in the log's format, and the proxy serves.
 #[test]
