@@ -499,6 +499,14 @@ impl Body for ResponseStream {
                 }
                 Poll::Ready(Some(Err(e))) => {
                     this.end = StreamEnd::UpstreamBroke;
+                    // Why, for the operator (the access line only says that it broke): our
+                    // parser's fixed texts, TLS and system error texts, never upstream bytes.
+                    let reason = crate::upstream::describe(&*e);
+                    this.logger.event(
+                        crate::config::LogLevel::Warn,
+                        "the upstream broke off a response stream",
+                        &[("reason", &reason)],
+                    );
                     return Poll::Ready(Some(Err(e)));
                 }
                 Poll::Ready(None) => {

@@ -249,11 +249,18 @@ async fn over_tls_a_body_cut_without_close_notify_is_not_a_clean_end() {
     .await
     .expect("in time");
     assert!(end.is_err(), "a truncated body must not end cleanly");
-    poll_until(Duration::from_secs(5), "access line", || {
-        p.stderr_text()
-            .contains("outcome=upstream_broke")
-            .then_some(())
+    let log = poll_until(Duration::from_secs(5), "access line", || {
+        let t = p.stderr_text();
+        t.contains("outcome=upstream_broke").then_some(t)
     });
+    // The log says why.
+    assert!(
+        log.lines().any(
+            |l| l.contains("warn the upstream broke off a response stream")
+                && l.contains("close_notify")
+        ),
+        "{log}"
+    );
 }
 
 /// A request body far larger than socket and TLS buffers arrives whole (over TLS the last
@@ -336,6 +343,18 @@ async fn a_malformed_chunked_body_breaks_the_client_stream() {
         "{text}"
     );
     assert!(!text.contains("0\r\n\r\n"), "{text}");
+    // The log says why.
+    let log = poll_until(Duration::from_secs(5), "the reason logged", || {
+        let t = p.stderr_text();
+        t.contains("outcome=upstream_broke").then_some(t)
+    });
+    assert!(
+        log.contains(
+            "warn the upstream broke off a response stream reason=\"the upstream sent a \
+             malformed chunked body\""
+        ),
+        "{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
