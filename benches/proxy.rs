@@ -137,6 +137,27 @@ async fn upstream_handle(
     resp
 }
 
+/// The fake upstream's own runtime (two threads named `upstream`), apart from the load
+/// generator's. Sharing one runtime made the c=1 rows depend on where tokio happened to put
+/// the upstream's connection task: on the client task's thread, a round trip needs no
+/// wake-up between threads; on the other, it does. Which one a target got followed from
+/// when it connected upstream (the byte relay eagerly, the proxy and nginx at their first
+/// request) and held for the whole run, so identical builds measured 0.30× and 0.48× at
+/// c=1, and repetitions did not average it out. With its own threads, every exchange,
+/// direct ones included, crosses between threads as it does between a real client and
+/// server.
+fn upstream_runtime() -> &'static tokio::runtime::Runtime {
+    static RT: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("upstream")
+            .enable_all()
+            .build()
+            .expect("upstream runtime")
+    })
+}
+
 async fn start_upstream() -> Upstream {
     let stats = Arc::new(UpStats::default());
     let release = Arc::new(Notify::new());
@@ -177,7 +198,9 @@ async fn start_upstream() -> Upstream {
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
     for (listener, tls) in [(plain, None), (tls_l, Some(acceptor))] {
         let (stats, release) = (Arc::clone(&stats), Arc::clone(&release));
-        tokio::spawn(async move {
+        let listener = listener.into_std().expect("std");
+        upstream_runtime().spawn(async move {
+            let listener = TcpListener::from_std(listener).expect("listener");
             loop {
                 let Ok((s, _)) = listener.accept().await else {
                     continue;
@@ -287,20 +310,21 @@ fn start_proxy_bin(
         upstream_url.to_string(),
         "--server-info".into(),
         info.to_string_lossy().into_owned(),
-        "--log-level".into(),
-        "warn".into(),
         "--max-connections".into(),
         "4096".into(),
         "--shutdown-grace".into(),
         "1s".into(),
     ];
-    // BENCH_PROXY_ARGS="--worker-threads 1" passes extra flags (for experiments).
-    args.extend(
-        std::env::var("BENCH_PROXY_ARGS")
-            .unwrap_or_default()
-            .split_whitespace()
-            .map(String::from),
-    );
+    // BENCH_PROXY_ARGS="--worker-threads 1" passes extra flags (for experiments); the log
+    // level is `warn` (no access lines) unless they set it.
+    let extra = std::env::var("BENCH_PROXY_ARGS").unwrap_or_default();
+    if !extra
+        .split_whitespace()
+        .any(|a| a.starts_with("--log-level"))
+    {
+        args.extend(["--log-level".into(), "warn".into()]);
+    }
+    args.extend(extra.split_whitespace().map(String::from));
     if let Some(ca) = ca {
         let p = dir.path().join("ca.pem");
         std::fs::write(&p, ca).expect("ca");
@@ -1318,6 +1342,9 @@ async fn run(quick: bool, out_path: &str) {
     if let Some((_, t)) = &nginx {
         targets.push(t.clone());
     }
+    // BENCH_PROXY_B=path[,path…]: other builds of the proxy, on every row in the same rounds.
+    let others = start_others(&up, false);
+    targets.extend(others.iter().map(|(_, t)| t.clone()));
     // The floor on the small-POST, SSE and CPU rows: a byte relay with the proxy's system
     // calls and none of its work (not on the 8 MiB and memory rows, where its 8 KiB copy
     // buffers, not the floor, would be measured).
@@ -1329,6 +1356,8 @@ async fn run(quick: bool, out_path: &str) {
     if let Some((_, t)) = &nginx_tls {
         tls_targets.push(t.clone());
     }
+    let others_tls = start_others(&up, true);
+    tls_targets.extend(others_tls.iter().map(|(_, t)| t.clone()));
 
     let mut results = serde_json::Map::new();
     let mut table: Vec<(String, String, f64, Option<f64>)> = Vec::new();
