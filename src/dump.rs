@@ -13,7 +13,7 @@ use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -427,7 +427,19 @@ impl Dumper {
             ))
         };
         let not_dir = || err(io::Error::other("it exists and is not a directory"));
-        match fs::symlink_metadata(dir) {
+        // `dumps/` and `dumps/.` name what a link `dumps` points to: the checks below look
+        // at the last name itself.
+        let dir: PathBuf = dir.components().collect();
+        if !matches!(
+            dir.components().next_back(),
+            Some(Component::Normal(_) | Component::CurDir)
+        ) {
+            return Err(err(io::Error::other(
+                "give the directory by its own name (not `/` and not ending in `..`)",
+            )));
+        }
+        let is_link = |d: &Path| fs::symlink_metadata(d).is_ok_and(|m| m.file_type().is_symlink());
+        match fs::symlink_metadata(&dir) {
             Ok(m) if m.file_type().is_symlink() => return Err(symlink()),
             Ok(m) if !m.is_dir() => return Err(not_dir()),
             _ => {}
@@ -435,15 +447,16 @@ impl Dumper {
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
-            .create(dir)
+            .create(&dir)
             .map_err(err)?;
         // Held open from here on: a later swap of the path cannot move the files.
         let handle = OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(dir)
+            .open(&dir)
             .map_err(|e| match e.raw_os_error() {
-                Some(libc::ELOOP) => symlink(),
+                // A link put there since the check: O_NOFOLLOW with O_DIRECTORY says ENOTDIR.
+                Some(libc::ELOOP | libc::ENOTDIR) if is_link(&dir) => symlink(),
                 Some(libc::ENOTDIR) => not_dir(),
                 _ => err(e),
             })?;
@@ -875,13 +888,24 @@ mod tests {
             "written where it was opened"
         );
 
-        // At start-up a link is refused, whether or not it points at a directory.
-        for link in [&ddir, &tmp.path().join("dangling")] {
-            if !link.exists() {
-                std::os::unix::fs::symlink(tmp.path().join("nowhere"), link).expect("symlink");
-            }
+        // At start-up a link is refused, whether or not it points at a directory, and
+        // however the path is spelt.
+        let dangling = tmp.path().join("dangling");
+        std::os::unix::fs::symlink(tmp.path().join("nowhere"), &dangling).expect("symlink");
+        let spellings = [
+            ddir.clone(),
+            PathBuf::from(format!("{}/", ddir.display())),
+            ddir.join("."),
+            PathBuf::from(format!("{}//.//", ddir.display())),
+            dangling,
+        ];
+        for link in &spellings {
             let e = quiet_dumper(link).expect_err("a link").to_string();
             assert!(e.contains("symbolic link"), "{e}");
+        }
+        for odd in [ddir.join(".."), PathBuf::from("/")] {
+            let e = quiet_dumper(&odd).expect_err("no name").to_string();
+            assert!(e.contains("own name"), "{e}");
         }
         assert!(!tmp.path().join("nowhere").exists());
         let file = tmp.path().join("file");
