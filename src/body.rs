@@ -214,7 +214,10 @@ impl UpstreamRequestBody {
                     };
                     joined
                         .get_or_insert_with(|| {
-                            let mut j = bytes::BytesMut::with_capacity(GATHER_UP_TO);
+                            // Room for what is in hand, not the whole 64 KiB: a body in
+                            // two small chunks must not cost (and, freed, wipe) 64 KiB.
+                            let room = (first.len() + data.len()).clamp(4 << 10, GATHER_UP_TO);
+                            let mut j = bytes::BytesMut::with_capacity(room);
                             j.extend_from_slice(&first);
                             j
                         })

@@ -454,11 +454,10 @@ impl Dumper {
             .read(true)
             .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&dir)
-            .map_err(|e| match e.raw_os_error() {
-                // A link put there since the check: O_NOFOLLOW with O_DIRECTORY says ENOTDIR.
-                Some(libc::ELOOP | libc::ENOTDIR) if is_link(&dir) => symlink(),
-                Some(libc::ENOTDIR) => not_dir(),
-                _ => err(e),
+            .map_err(|e| match open_failure(e.raw_os_error(), || is_link(&dir)) {
+                OpenFailure::Link => symlink(),
+                OpenFailure::NotDir => not_dir(),
+                OpenFailure::Other => err(e),
             })?;
         let meta = handle.metadata().map_err(err)?;
         if meta.uid() != crate::sys::effective_uid() {
@@ -588,6 +587,24 @@ impl Drop for Dumper {
         // The writer finishes what is queued, then ends.
         self.shared.lock().closed = true;
         self.shared.more.notify_all();
+    }
+}
+
+/// Why opening the dump directory failed, as the refusal names it.
+#[derive(Debug, PartialEq, Eq)]
+enum OpenFailure {
+    Link,
+    NotDir,
+    Other,
+}
+
+/// Names an `open(O_DIRECTORY|O_NOFOLLOW)` failure: on a symbolic link (one put there after
+/// the check) Linux says `ENOTDIR`, not `ELOOP`, so the path is looked at again.
+fn open_failure(errno: Option<i32>, is_link: impl Fn() -> bool) -> OpenFailure {
+    match errno {
+        Some(libc::ELOOP | libc::ENOTDIR) if is_link() => OpenFailure::Link,
+        Some(libc::ENOTDIR) => OpenFailure::NotDir,
+        _ => OpenFailure::Other,
     }
 }
 
@@ -842,6 +859,30 @@ mod tests {
         assert_eq!(v["body"], "data: x\n\n");
         for n in &names {
             assert_eq!(fs::metadata(n).expect("meta").mode() & 0o777, 0o600);
+        }
+    }
+
+    #[test]
+    fn an_open_failure_on_a_link_is_named_as_a_link() {
+        // What the kernel says for O_DIRECTORY|O_NOFOLLOW on a link to a directory.
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let link = tmp.path().join("l");
+        std::os::unix::fs::symlink(tmp.path(), &link).expect("symlink");
+        let e = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+            .open(&link)
+            .expect_err("a link");
+        let is_link = || fs::symlink_metadata(&link).is_ok_and(|m| m.file_type().is_symlink());
+        assert_eq!(open_failure(e.raw_os_error(), is_link), OpenFailure::Link);
+        for (errno, link, want) in [
+            (Some(libc::ELOOP), true, OpenFailure::Link),
+            (Some(libc::ENOTDIR), false, OpenFailure::NotDir),
+            (Some(libc::ELOOP), false, OpenFailure::Other),
+            (Some(libc::EACCES), true, OpenFailure::Other),
+            (None, true, OpenFailure::Other),
+        ] {
+            assert_eq!(open_failure(errno, || link), want, "{errno:?} {link}");
         }
     }
 

@@ -716,9 +716,13 @@ async fn a_hard_limit_too_low_lowers_the_connection_cap_with_a_warning() {
                 .expect("connect"),
         );
     }
-    poll_until_async(Duration::from_secs(5), "connections accepted", || {
-        (fds() >= before + serving).then_some(())
-    })
+    // (Timed out once at 5 s in a session, not reproduced in 9 runs, 6 of them with both
+    // CPUs busy; a deadline, not a wait.)
+    poll_until_async(
+        Duration::from_secs(10),
+        &format!("{serving} connections accepted ({before} descriptors before)"),
+        || (fds() >= before + serving).then_some(()),
+    )
     .await;
     let raw = head(&p, "content-length: 2\r\n\r\n{}");
     let out = raw_exchange(p.port, raw.as_bytes(), Duration::from_secs(3)).await;
