@@ -286,6 +286,9 @@ struct Shared {
     pressed: AtomicBool,
     skipped: AtomicU64,
     logger: Logger,
+    /// Tests hold it to stand for a slow disk: the writer takes it before each job.
+    #[cfg(test)]
+    stall: Mutex<()>,
 }
 
 impl Shared {
@@ -369,6 +372,8 @@ fn write_jobs(shared: &Shared) {
         if let Some(job) = q.jobs.pop_front() {
             q.busy = true;
             drop(q);
+            #[cfg(test)]
+            let _disk = shared.stall.lock().unwrap_or_else(|e| e.into_inner());
             // Written, then dropped (its memory given back) before the next is taken.
             shared.write(job);
             if shared.budget.used.load(Ordering::Acquire) <= shared.budget.limit / 2 {
@@ -488,6 +493,8 @@ impl Dumper {
             pressed: AtomicBool::new(false),
             skipped: AtomicU64::new(0),
             logger,
+            #[cfg(test)]
+            stall: Mutex::new(()),
         });
         let writer = Arc::clone(&shared);
         std::thread::Builder::new()
@@ -1073,6 +1080,37 @@ mod tests {
         assert_eq!(dumper.held(), 0);
         assert_eq!(dumper.skipped(), 3);
         assert_eq!(read_dump(dir.path(), "-request.json").len(), 2);
+    }
+
+    #[test]
+    fn closing_with_a_slow_disk_says_not_all_was_written_and_the_writer_goes_on() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let dumper = Dumper::new(
+            dir.path(),
+            1 << 20,
+            1 << 20,
+            Logger::new(LogFormat::Text, LogLevel::Error),
+        )
+        .expect("dumper");
+        let h = HeaderMap::new();
+        let disk = dumper.shared.stall.lock().expect("stall");
+        let (mut a, _) = dumper.begin(&Method::POST, "/a", &h).expect("room");
+        a.push(b"{}");
+        a.finish();
+        // The writer cannot write: closing waits its limit and says so.
+        assert!(!dumper.close(Duration::from_millis(100)));
+        assert!(read_dump(dir.path(), "-request.json").is_empty());
+        // One begun after closing is not written.
+        let (mut b, _) = dumper.begin(&Method::POST, "/b", &h).expect("begun");
+        b.push(b"{}");
+        b.finish();
+        assert_eq!(dumper.skipped(), 1);
+        // The disk catches up: what was queued is still written.
+        drop(disk);
+        assert!(dumper.wait_written(Duration::from_secs(10)));
+        let reqs = read_dump(dir.path(), "-request.json");
+        assert_eq!(reqs.len(), 1);
+        assert_eq!(reqs[0]["url"], "/a");
     }
 
     #[test]
