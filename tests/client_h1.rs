@@ -5,12 +5,14 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 
 fn head(p: &ProxyProc, token: &str, extra: &str) -> String {
     format!(
@@ -567,4 +569,56 @@ async fn shutdown_closes_an_idle_kept_alive_connection_at_once() {
     let st = p.wait_exit(Duration::from_secs(5));
     assert_eq!(st.code(), Some(0));
     assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_half_closes_counts_as_gone_and_its_stream_is_cancelled() {
+    // A read of end-of-stream cannot be told from a close: like nginx and hyper's default,
+    // the proxy takes a client that shuts its sending side as gone.
+    let never = Arc::new(Notify::new());
+    let hold = Arc::clone(&never);
+    let up = MockUpstream::plain(move |_| {
+        Reply::sse(vec![
+            Step::Data(Bytes::from_static(b"data: first\n\n")),
+            Step::Wait(Arc::clone(&hold)),
+        ])
+    })
+    .await;
+    let p = start_proxy(&["--upstream-url", &up.url()]);
+    let mut s = connect(&p).await;
+    s.write_all(head(&p, &p.token, "content-length: 2\r\n\r\n{}").as_bytes())
+        .await
+        .expect("write");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("data: first") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("the first event in time")
+            .expect("read");
+        assert!(n > 0, "closed before the first event");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(up.state.cancelled.lock().expect("lock").is_empty());
+    s.shutdown().await.expect("half-close");
+    poll_until_async(Duration::from_secs(5), "upstream request cancelled", || {
+        (!up.state.cancelled.lock().expect("lock").is_empty()).then_some(())
+    })
+    .await;
+    // The client's read side sees the end of the cut stream, not a clean last chunk.
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+        .await
+        .expect("closed in time")
+        .expect("read to the end");
+    assert!(
+        !String::from_utf8_lossy(&rest).contains("0\r\n\r\n"),
+        "{rest:?}"
+    );
+    poll_until(Duration::from_secs(5), "access line", || {
+        p.stderr_text()
+            .contains("outcome=client_closed")
+            .then_some(())
+    });
+    drop(never);
 }
