@@ -1064,3 +1064,98 @@ async fn connections_opened_together_go_seven_to_one_over_the_workers() {
     );
     drop(streams);
 }
+
+/// The HTTP/2 client (`--upstream-http2`, hyper's) meets the same upstream faults as the
+/// lean HTTP/1.1 path, with the same outcomes: no head in time is a 504, a silent stream is
+/// cut at the idle timeout, a reset stream ends the client's abnormally, and a client that
+/// leaves cancels its stream upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_http2_upstream_faults_end_as_on_http1() {
+    let hold = Arc::new(Notify::new());
+    let h = Arc::clone(&hold);
+    let up = MockUpstream::tls(move |r| {
+        let first = Step::Data(Bytes::from_static(b"data: 1\n\n"));
+        match &r.body[..] {
+            b"\"hang\"" => Reply {
+                hang: true,
+                ..Reply::json(200, "{}")
+            },
+            b"\"silent\"" => Reply::sse(vec![first, Step::Sleep(Duration::from_secs(30))]),
+            b"\"abort\"" => Reply::sse(vec![
+                first,
+                Step::Sleep(Duration::from_millis(100)),
+                Step::Abort,
+            ]),
+            _ => Reply::sse(vec![first, Step::Wait(Arc::clone(&h))]),
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("dir");
+    let ca = write_file(dir.path(), "ca.pem", up.ca_pem.as_deref().expect("ca"));
+    let url = up.url();
+    let p = start_proxy(&[
+        "--upstream-url",
+        &url,
+        "--upstream-ca",
+        ca.to_str().expect("utf8"),
+        "--upstream-http2",
+        "--upstream-idle-timeout",
+        "500ms",
+    ]);
+
+    let t0 = Instant::now();
+    let (status, _, body) = exchange(p.port, p.responses_request("\"hang\"")).await;
+    assert_eq!(status, 504);
+    assert_eq!(error_code(&body), "upstream_timeout");
+    assert!(t0.elapsed() >= Duration::from_millis(500));
+
+    // A client that leaves cancels its stream upstream.
+    let resp = send(p.port, p.responses_request("\"hold\"")).await;
+    let mut body = resp.into_body();
+    let _ = body.frame().await;
+    drop(body);
+    poll_until_async(Duration::from_secs(2), "upstream stream cancelled", || {
+        (up.state.cancelled.lock().expect("lock").len() == 1).then_some(())
+    })
+    .await;
+    poll_until(Duration::from_secs(5), "client_closed", || {
+        p.stderr_text()
+            .contains("outcome=client_closed")
+            .then_some(())
+    });
+
+    for (what, log) in [
+        ("\"silent\"", "outcome=upstream_idle_timeout"),
+        ("\"abort\"", "outcome=upstream_broke"),
+    ] {
+        let resp = send(p.port, p.responses_request(what)).await;
+        assert_eq!(resp.status(), 200, "{what}");
+        let mut body = resp.into_body();
+        let first = body.frame().await.expect("frame").expect("ok");
+        assert_eq!(
+            first.into_data().ok(),
+            Some(Bytes::from_static(b"data: 1\n\n"))
+        );
+        let rest = tokio::time::timeout(Duration::from_secs(5), body.collect())
+            .await
+            .expect("in time");
+        assert!(rest.is_err(), "{what}: a cut stream must not look complete");
+        poll_until(Duration::from_secs(5), log, || {
+            p.stderr_text().contains(log).then_some(())
+        });
+        if what == "\"silent\"" {
+            // The stream cut at the idle timeout is cancelled upstream too.
+            poll_until_async(Duration::from_secs(2), "silent stream cancelled", || {
+                (up.state.cancelled.lock().expect("lock").len() == 2).then_some(())
+            })
+            .await;
+        }
+    }
+    // Every request went over HTTP/2.
+    assert!(
+        up.requests()
+            .iter()
+            .all(|r| r.version == http::Version::HTTP_2)
+    );
+    drop(hold);
+}
