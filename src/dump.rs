@@ -622,20 +622,25 @@ fn head_cost(headers: &HeaderMap) -> usize {
     })
 }
 
-/// Writes `value` as the new file `name` (0600) in the directory `dir`.
+/// Writes `value` as the new file `name` (0600) in the directory `dir`: first under a
+/// hidden name (`.NAME.partial`), then renamed, so that a file under its own name is always
+/// complete (a reader of the directory never sees one half-written).
 fn write_file(dir: BorrowedFd<'_>, name: &str, value: &Value) -> io::Result<()> {
-    let f = crate::sys::create_in(dir, name, 0o600)?;
+    let partial = format!(".{name}.partial");
+    let f = crate::sys::create_in(dir, &partial, 0o600)?;
     let mut out = io::BufWriter::with_capacity(64 << 10, f);
     let written = serde_json::to_writer_pretty(&mut out, value)
         .map_err(io::Error::other)
         .and_then(|()| out.write_all(b"\n"))
         .and_then(|()| out.flush());
-    if written.is_err() {
-        // No half-written file left behind (a full disk, the file-size limit).
-        drop(out);
-        let _ = crate::sys::remove_in(dir, name);
+    drop(out);
+    let published = written.and_then(|()| crate::sys::publish_in(dir, &partial, name));
+    if published.is_err() {
+        // No half-written file left behind (a full disk, the file-size limit), nor one that
+        // could not take its name.
+        let _ = crate::sys::remove_in(dir, &partial);
     }
-    written
+    published
 }
 
 /// One file's worth of an exchange: its head, and the body as it is copied.
@@ -1111,6 +1116,33 @@ mod tests {
         let reqs = read_dump(dir.path(), "-request.json");
         assert_eq!(reqs.len(), 1);
         assert_eq!(reqs[0]["url"], "/a");
+    }
+
+    #[test]
+    fn a_dump_file_appears_under_its_name_only_complete_and_never_replaces_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let held = fs::File::open(dir.path()).expect("open");
+        let value = serde_json::json!({"a": "b"});
+        write_file(held.as_fd(), "x.json", &value).expect("written");
+        let names = |d: &Path| -> Vec<String> {
+            let mut v: Vec<String> = fs::read_dir(d)
+                .expect("ls")
+                .map(|e| e.expect("e").file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(names(dir.path()), ["x.json"], "the hidden name is gone");
+        let text = fs::read_to_string(dir.path().join("x.json")).expect("read");
+        assert_eq!(serde_json::from_str::<Value>(&text).expect("json"), value);
+        // A file already under the name is kept, and the new one's hidden copy removed.
+        let e = write_file(held.as_fd(), "x.json", &serde_json::json!({})).expect_err("taken");
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(names(dir.path()), ["x.json"]);
+        assert_eq!(
+            fs::read_to_string(dir.path().join("x.json")).expect("read"),
+            text
+        );
     }
 
     #[test]

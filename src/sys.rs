@@ -1,7 +1,7 @@
 //! The only module allowed to use `unsafe`: thin, checked wrappers over the system calls the
 //! proxy needs (read(2), shutdown(2), mmap/mlock/madvise, prctl, getrlimit/setrlimit, a signal's
-//! disposition, termios, the environment, files created and removed inside a directory held
-//! open).
+//! disposition, termios, the environment, files created, renamed and removed inside a
+//! directory held open).
 //!
 //! Each function has a safe signature, turns `-1` into `io::Error`, and carries a `SAFETY:`
 //! argument on every block. Policy (what to call, when, and what a failure means) lives in
@@ -191,6 +191,40 @@ pub fn remove_in(dir: std::os::fd::BorrowedFd<'_>, name: &str) -> io::Result<()>
     // SAFETY: `name` is a NUL-terminated string that lives for the whole call; `dir` is
     // borrowed, so the descriptor stays open for the call.
     check(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), 0) }).map(drop)
+}
+
+/// Gives the file `from` in the open directory `dir` the name `to` there, never replacing
+/// a file already called `to` (`AlreadyExists`): `renameat2(2)` with `RENAME_NOREPLACE`,
+/// or, on a file system without it, a hard link under the new name and the old one removed.
+/// Either way a reader of the directory sees `to` only once it is complete.
+pub fn publish_in(dir: std::os::fd::BorrowedFd<'_>, from: &str, to: &str) -> io::Result<()> {
+    match rename_noreplace_in(dir, from, to) {
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) => {
+            link_then_unlink_in(dir, from, to)
+        }
+        done => done,
+    }
+}
+
+fn rename_noreplace_in(dir: std::os::fd::BorrowedFd<'_>, from: &str, to: &str) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let (from, to) = (component(from)?, component(to)?);
+    let fd = dir.as_raw_fd();
+    // SAFETY: both names are NUL-terminated strings that live for the whole call; `dir` is
+    // borrowed, so the descriptor stays open for the call.
+    check(unsafe { libc::renameat2(fd, from.as_ptr(), fd, to.as_ptr(), libc::RENAME_NOREPLACE) })
+        .map(drop)
+}
+
+fn link_then_unlink_in(dir: std::os::fd::BorrowedFd<'_>, from: &str, to: &str) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let (from_c, to_c) = (component(from)?, component(to)?);
+    let fd = dir.as_raw_fd();
+    // SAFETY: both names are NUL-terminated strings that live for the whole call; `dir` is
+    // borrowed, so the descriptor stays open for the call. Flags 0: a link at `from` would
+    // itself be linked, not followed.
+    check(unsafe { libc::linkat(fd, from_c.as_ptr(), fd, to_c.as_ptr(), 0) })?;
+    remove_in(dir, from)
 }
 
 /// The soft and hard limits on this process's open file descriptors (`RLIMIT_NOFILE`).
@@ -464,6 +498,45 @@ mod tests {
         assert!(!path.exists());
         let e = remove_in(held.as_fd(), "a.json").expect_err("gone");
         assert_eq!(e.kind(), io::ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn a_file_is_published_under_a_new_name_only_if_the_name_is_free() {
+        use std::os::fd::AsFd;
+        let tmp = tempfile::tempdir().expect("dir");
+        let held = std::fs::File::open(tmp.path()).expect("open dir");
+        let p = |n: &str| tmp.path().join(n);
+        type Publish = fn(std::os::fd::BorrowedFd<'_>, &str, &str) -> io::Result<()>;
+        // Each way: the one used, the fallback, and the two behind the choice.
+        let ways: [(&str, Publish); 3] = [
+            ("publish_in", publish_in),
+            ("rename_noreplace_in", rename_noreplace_in),
+            ("link_then_unlink_in", link_then_unlink_in),
+        ];
+        for (way, publish) in ways {
+            std::fs::write(p(".a.partial"), way).expect("write");
+            publish(held.as_fd(), ".a.partial", "a.json").expect(way);
+            assert_eq!(std::fs::read_to_string(p("a.json")).expect("read"), way);
+            assert!(!p(".a.partial").exists(), "{way}: the old name is gone");
+            // An existing file keeps its name and content; the new one stays where it was.
+            std::fs::write(p(".b.partial"), "new").expect("write");
+            let e = publish(held.as_fd(), ".b.partial", "a.json").expect_err(way);
+            assert_eq!(e.kind(), io::ErrorKind::AlreadyExists, "{way}");
+            assert_eq!(std::fs::read_to_string(p("a.json")).expect("read"), way);
+            assert!(p(".b.partial").exists(), "{way}");
+            // A link at the new name is not replaced, nor followed.
+            std::os::unix::fs::symlink(p("elsewhere"), p("l")).expect("symlink");
+            let e = publish(held.as_fd(), ".b.partial", "l").expect_err(way);
+            assert_eq!(e.kind(), io::ErrorKind::AlreadyExists, "{way}");
+            assert!(!p("elsewhere").exists(), "{way}");
+            for bad in ["", "..", "sub/x", "/tmp/x"] {
+                let e = publish(held.as_fd(), ".b.partial", bad).expect_err(bad);
+                assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{way} {bad:?}");
+            }
+            for n in ["a.json", ".b.partial", "l"] {
+                std::fs::remove_file(p(n)).expect("clean");
+            }
+        }
     }
 
     #[test]

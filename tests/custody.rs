@@ -503,9 +503,11 @@ async fn neither_key_nor_token_appears_in_anything_written() {
         assert!(!seen.contains(&key), "{level}: key sent to a client");
         assert!(!seen.contains(&p.token), "{level}: token sent to a client");
         let files = poll_until(Duration::from_secs(5), "dumps", || {
+            // Files under their own names only: a `.partial` one is renamed when complete.
             let v: Vec<_> = std::fs::read_dir(&dumps)
                 .ok()?
                 .map(|e| e.expect("e").path())
+                .filter(|f| !f.file_name().expect("n").to_string_lossy().starts_with('.'))
                 .collect();
             (v.len() >= 12).then_some(v)
         });
