@@ -1074,6 +1074,7 @@ async fn over_http2_upstream_faults_end_as_on_http1() {
     let up = MockUpstream::tls(move |r| {
         let first = Step::Data(Bytes::from_static(b"data: 1\n\n"));
         match &r.body[..] {
+            b"\"big\"" => Reply::json(200, "{}").header("x-big", &"a".repeat(20 << 10)),
             b"\"hang\"" => Reply {
                 hang: true,
                 ..Reply::json(200, "{}")
@@ -1100,6 +1101,12 @@ async fn over_http2_upstream_faults_end_as_on_http1() {
         "--upstream-idle-timeout",
         "500ms",
     ]);
+
+    // A response head over hyper's HTTP/2 limit (16 KiB) is refused like an oversized one
+    // on HTTP/1.1.
+    let (status, _, body) = exchange(p.port, p.responses_request("\"big\"")).await;
+    assert_eq!(status, 502);
+    assert_eq!(error_code(&body), "upstream_unavailable");
 
     let t0 = Instant::now();
     let (status, _, body) = exchange(p.port, p.responses_request("\"hang\"")).await;
