@@ -935,6 +935,13 @@ fn main() {
             .expect("--relay UPSTREAM PORT_FILE");
         return relay_main(up, a.get(1).expect("--relay UPSTREAM PORT_FILE"));
     }
+    // `--verdicts FILE`: judge a saved results file against the targets (no measuring).
+    if let Some(path) = std::env::args().skip_while(|a| a != "--verdicts").nth(1) {
+        let text = std::fs::read_to_string(&path).expect("read the results file");
+        let v: Value = serde_json::from_str(&text).expect("a results file (JSON)");
+        let results = v.as_object().expect("a results file (a JSON object)");
+        return print_verdicts(&verdicts(results), &format!(" ({path})"));
+    }
     let quick = std::env::args().any(|a| a == "--quick");
     let out_path = std::env::args()
         .skip_while(|a| a != "--json")
@@ -1317,6 +1324,107 @@ async fn cpu_only(n: usize) {
     }
 }
 
+/// One of issue 7's bounds, judged on a run's results: the proxy's figure, nginx's when it
+/// ran, and whether the bound holds (`None` when a figure is missing).
+struct Verdict {
+    row: &'static str,
+    bound: &'static str,
+    proxy: Option<f64>,
+    nginx: Option<f64>,
+    met: Option<bool>,
+}
+
+/// The bounds of issue 7 against `results` (row → target → value, as in the JSON file):
+/// "added" is the target's figure minus direct's, "x direct" their ratio; "below/above
+/// nginx" compares with nginx in the same run and is taken as met when nginx did not run.
+fn verdicts(results: &serde_json::Map<String, Value>) -> Vec<Verdict> {
+    // The first row whose name starts and ends so (counts in row names vary with --quick).
+    let row = |start: &str, end: &str| {
+        results
+            .iter()
+            .find(|(k, v)| k.starts_with(start) && k.ends_with(end) && v.is_object())
+            .map(|(_, v)| v)
+    };
+    let get = |r: Option<&Value>, t: &str| r?.get(t)?.as_f64();
+    #[derive(Clone, Copy)]
+    enum Fig {
+        Added,
+        Ratio,
+        Value,
+    }
+    // (row, bound, start and end of the results row, figure, limit, lower is better,
+    // nginx to beat)
+    #[rustfmt::skip]
+    let bounds = [
+        ("added p50 at c=1, µs", "<= 40, below nginx", "http small POST c=1 p50", "", Fig::Added, 40.0, true, true),
+        ("added p99 at c=1, µs", "<= 90, below nginx", "http small POST c=1 p99", "", Fig::Added, 90.0, true, true),
+        ("throughput c=16, x direct", ">= 0.6, above nginx", "http small POST c=16 req/s", "", Fig::Ratio, 0.6, false, true),
+        ("throughput c=64, x direct", ">= 0.6, above nginx", "http small POST c=64 req/s", "", Fig::Ratio, 0.6, false, true),
+        ("CPU per 10k requests, ms", "<= 150", "CPU ms per 10k", "", Fig::Value, 150.0, true, false),
+        ("SSE added time to first event, ms", "<= 0.1", "http SSE ", "time to first event ms", Fig::Added, 0.1, true, false),
+        ("SSE largest gap over direct's, ms", "<= 1", "http SSE ", "largest gap ms", Fig::Added, 1.0, true, false),
+        ("8 MiB body added, ms", "<= 3", "8 MiB body", "", Fig::Added, 3.0, true, false),
+        ("RSS with the open streams, MiB", "<= 16", "RSS MiB with ", "open streams", Fig::Value, 16.0, true, false),
+    ];
+    let mut out: Vec<Verdict> = bounds
+        .iter()
+        .map(|&(name, bound, start, end, fig, limit, lower, vs_nginx)| {
+            let r = row(start, end);
+            let of = |t: &str| match fig {
+                Fig::Added => Some(get(r, t)? - get(r, "direct")?),
+                Fig::Ratio => Some(get(r, t)? / get(r, "direct")?),
+                Fig::Value => get(r, t),
+            };
+            let (proxy, nginx) = (of("proxy"), of("nginx"));
+            let met = proxy.map(|p| {
+                let within = if lower { p <= limit } else { p >= limit };
+                let beats = !vs_nginx || nginx.is_none_or(|n| if lower { p < n } else { p > n });
+                within && beats
+            });
+            Verdict {
+                row: name,
+                bound,
+                proxy,
+                nginx,
+                met,
+            }
+        })
+        .collect();
+    let launch = get(row("launch to ready", ""), "proxy");
+    out.push(Verdict {
+        row: "launch to ready, ms",
+        bound: "<= 10",
+        proxy: launch,
+        nginx: None,
+        met: launch.map(|l| l <= 10.0),
+    });
+    out
+}
+
+/// Prints the verdicts as a table.
+fn print_verdicts(judged: &[Verdict], note: &str) {
+    println!("against the targets{note}:");
+    println!(
+        "  {:<36} {:<20} {:>9} {:>9}  met",
+        "row", "bound", "proxy", "nginx"
+    );
+    let fig = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.2}"));
+    for v in judged {
+        let met = match v.met {
+            Some(true) => "yes",
+            Some(false) => "NO",
+            None => "-",
+        };
+        println!(
+            "  {:<36} {:<20} {:>9} {:>9}  {met}",
+            v.row,
+            v.bound,
+            fig(v.proxy),
+            fig(v.nginx)
+        );
+    }
+}
+
 async fn run(quick: bool, out_path: &str) {
     let reps = if quick { 1 } else { 5 };
     let dur = Duration::from_millis(if quick { 200 } else { 2000 });
@@ -1607,6 +1715,21 @@ async fn run(quick: bool, out_path: &str) {
     for f in fails.1.lock().expect("lock").iter() {
         println!("  failure: {f}");
     }
+    // Against issue 7's bounds (no threshold fails the run: the VM's speed drifts).
+    let judged = verdicts(&results);
+    print_verdicts(
+        &judged,
+        if quick {
+            " (smoke counts: not meaningful)"
+        } else {
+            ""
+        },
+    );
+    let judged_json: Vec<Value> = judged
+        .iter()
+        .map(|v| json!({"row": v.row, "bound": v.bound, "proxy": v.proxy, "nginx": v.nginx, "met": v.met}))
+        .collect();
+    results.insert("targets".into(), Value::Array(judged_json));
     results.insert("machine".into(), json!({"cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), "quick": quick}));
     if let Some(parent) = std::path::Path::new(out_path).parent() {
         let _ = std::fs::create_dir_all(parent);
