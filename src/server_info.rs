@@ -4,8 +4,12 @@
 //! removed on clean exit only if it is still the file this process wrote.
 //!
 //! Before writing, the path is refused (and left untouched) when it is a symlink, not a
-//! regular file, owned by someone else, or looser than 0600, and when its directory is
-//! writable by others without the sticky bit.
+//! regular file, owned by someone else, or looser than 0600, and when a directory on the way
+//! to it (each one the path names, and each one it really goes through once links are
+//! followed), or a link on the way, could be changed by another user: one that belongs to
+//! someone other than this user or root, or a directory writable by others without the
+//! sticky bit. Whoever could change one could put a file of their own in its place and send
+//! the clients that read it to a port of theirs, token and conversation included.
 
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
@@ -54,6 +58,16 @@ pub enum ServerInfoError {
         "refusing --server-info in {0}: the directory is writable by other users without the sticky bit, so they could replace the file; use a private directory"
     )]
     OpenDirectory(PathBuf),
+    /// A directory or link on the way to the file belongs to another user (not root).
+    #[error(
+        "refusing --server-info under {path}: it belongs to another user (uid {uid}), who could replace the file and send the clients that read it elsewhere; use a directory that only you (or root) can change, e.g. one the proxy creates"
+    )]
+    OtherOwnerOnTheWay {
+        /// The directory or link.
+        path: PathBuf,
+        /// Its owner.
+        uid: u32,
+    },
     /// A filesystem operation failed.
     #[error("cannot write --server-info {path}: {op}: {source}")]
     Io {
@@ -99,10 +113,55 @@ pub fn judge_existing(path: &Path, f: FileFacts, euid: u32) -> Result<(), Server
     Ok(())
 }
 
-/// Pure: may the server-info file live in a directory with this mode?
-pub fn judge_directory(dir: &Path, mode: u32) -> Result<(), ServerInfoError> {
+/// Pure: may the server-info file live in (or under) a directory with this mode and
+/// owner? Only this user and root may own it, and others may not write it unless it is
+/// sticky (then they cannot rename or remove what is not theirs).
+pub fn judge_directory(dir: &Path, mode: u32, uid: u32, euid: u32) -> Result<(), ServerInfoError> {
+    if uid != euid && uid != 0 {
+        return Err(ServerInfoError::OtherOwnerOnTheWay {
+            path: dir.to_path_buf(),
+            uid,
+        });
+    }
     if mode & 0o002 != 0 && mode & 0o1000 == 0 {
         return Err(ServerInfoError::OpenDirectory(dir.to_path_buf()));
+    }
+    Ok(())
+}
+
+/// Pure: may a symbolic link with this owner lie on the way to the file? Its owner could
+/// remove it and make another (in a sticky directory too).
+pub fn judge_link(link: &Path, uid: u32, euid: u32) -> Result<(), ServerInfoError> {
+    if uid != euid && uid != 0 {
+        return Err(ServerInfoError::OtherOwnerOnTheWay {
+            path: link.to_path_buf(),
+            uid,
+        });
+    }
+    Ok(())
+}
+
+/// Checks every directory on the way to `dir` (`dir` included) as the path names them, any
+/// link among them, and the directories the path really goes through once links are
+/// followed.
+fn check_the_way(dir: &Path, euid: u32) -> Result<(), ServerInfoError> {
+    let named = if dir.is_absolute() {
+        dir.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map_err(io_err(dir, "reading the working directory"))?
+            .join(dir)
+    };
+    let real = fs::canonicalize(dir).map_err(io_err(dir, "resolving the directory"))?;
+    for way in [&named, &real] {
+        for step in way.ancestors() {
+            let here = fs::symlink_metadata(step).map_err(io_err(step, "inspecting"))?;
+            if here.file_type().is_symlink() {
+                judge_link(step, here.uid(), euid)?;
+            }
+            let m = fs::metadata(step).map_err(io_err(step, "inspecting"))?;
+            judge_directory(step, m.mode(), m.uid(), euid)?;
+        }
     }
     Ok(())
 }
@@ -130,8 +189,7 @@ pub fn preflight(path: &Path) -> Result<(), ServerInfoError> {
             .create(&dir)
             .map_err(io_err(&dir, "creating the directory"))?;
     }
-    let dir_meta = fs::metadata(&dir).map_err(io_err(&dir, "reading the directory"))?;
-    judge_directory(&dir, dir_meta.mode())?;
+    check_the_way(&dir, sys::effective_uid())?;
     match fs::symlink_metadata(path) {
         Ok(m) => judge_existing(
             path,
@@ -281,11 +339,47 @@ mod tests {
     #[test]
     fn directory_table() {
         let d = Path::new("/x");
-        assert!(judge_directory(d, 0o040700).is_ok());
-        assert!(judge_directory(d, 0o040755).is_ok());
-        assert!(judge_directory(d, 0o041777).is_ok());
-        assert!(judge_directory(d, 0o040777).is_err());
-        assert!(judge_directory(d, 0o040703).is_err());
+        for owner in [1000, 0] {
+            assert!(judge_directory(d, 0o040700, owner, 1000).is_ok());
+            assert!(judge_directory(d, 0o040755, owner, 1000).is_ok());
+            assert!(judge_directory(d, 0o041777, owner, 1000).is_ok());
+            assert!(matches!(
+                judge_directory(d, 0o040777, owner, 1000),
+                Err(ServerInfoError::OpenDirectory(_))
+            ));
+            assert!(judge_directory(d, 0o040703, owner, 1000).is_err());
+        }
+        // Another user's directory, however closed, sticky or not; root's own included.
+        for (mode, euid) in [(0o040700, 1000), (0o041777, 1000), (0o040755, 0)] {
+            assert!(matches!(
+                judge_directory(d, mode, 1001, euid),
+                Err(ServerInfoError::OtherOwnerOnTheWay { uid: 1001, .. })
+            ));
+        }
+        assert!(judge_link(d, 1000, 1000).is_ok());
+        assert!(judge_link(d, 0, 1000).is_ok());
+        assert!(matches!(
+            judge_link(d, 1001, 1000),
+            Err(ServerInfoError::OtherOwnerOnTheWay { uid: 1001, .. })
+        ));
+    }
+
+    #[test]
+    fn a_way_of_our_own_links_included_is_taken() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mine = dir.path().join("mine");
+        fs::create_dir(&mine).expect("mkdir");
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&mine, &link).expect("symlink");
+        let info = ServerInfo {
+            port: 1,
+            pid: 2,
+            auth_token: "t",
+        };
+        write(&link.join("info.json"), &info).expect("through our own link");
+        assert!(mine.join("info.json").exists());
+        // A relative path is checked from the working directory up.
+        assert!(preflight(Path::new("info.json")).is_ok());
     }
 
     #[test]

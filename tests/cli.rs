@@ -263,6 +263,60 @@ fn server_info_refusals_exit_6_and_leave_the_path_untouched() {
     assert_eq!(code, Some(6));
 }
 
+/// A directory or link on the way to the server-info file that another user owns: they
+/// could replace the file, and the clients reading it would go to their port.
+#[test]
+fn a_server_info_path_another_user_could_change_is_refused() {
+    if !is_root() {
+        eprintln!("skipped: handing directories to the user nobody needs root (CI runs as root)");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("dir");
+    let theirs = dir.path().join("theirs");
+    std::fs::create_dir(&theirs).expect("mkdir");
+    std::fs::set_permissions(&theirs, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let mine_under_theirs = theirs.join("mine");
+    std::fs::create_dir(&mine_under_theirs).expect("mkdir");
+    std::fs::set_permissions(&mine_under_theirs, std::fs::Permissions::from_mode(0o700))
+        .expect("chmod");
+    std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).expect("chown");
+    // A private directory of ours, reached through a link that is theirs.
+    let mine = dir.path().join("mine");
+    std::fs::create_dir(&mine).expect("mkdir");
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(&mine, &link).expect("symlink");
+    std::os::unix::fs::lchown(&link, Some(65534), Some(65534)).expect("lchown");
+    // A link of ours into their directory: the way it really goes is checked too.
+    let ours_into_theirs = dir.path().join("ours-into-theirs");
+    std::os::unix::fs::symlink(&mine_under_theirs, &ours_into_theirs).expect("symlink");
+    // (path, what the refusal names)
+    let cases = [
+        (theirs.join("info.json"), theirs.clone()),
+        (mine_under_theirs.join("info.json"), theirs.clone()),
+        (link.join("info.json"), link.clone()),
+        (ours_into_theirs.join("info.json"), theirs.clone()),
+    ];
+    for (path, named) in &cases {
+        let (code, err) = run_to_exit(
+            &[
+                "--upstream-url",
+                UP,
+                "--server-info",
+                path.to_str().expect("utf8"),
+            ],
+            format!("{KEY}\n").as_bytes(),
+        );
+        assert_eq!(code, Some(6), "{}: {err}", path.display());
+        assert!(
+            err.contains("belongs to another user (uid 65534)")
+                && err.contains(named.to_str().expect("utf8")),
+            "{}: {err}",
+            path.display()
+        );
+        assert!(!path.exists(), "{}", path.display());
+    }
+}
+
 #[test]
 fn existing_private_server_info_file_is_replaced() {
     let dir = tempfile::tempdir().expect("dir");
