@@ -40,6 +40,7 @@ pub mod hardening;
 pub mod headers;
 pub mod log;
 pub mod mask;
+pub mod paths;
 pub mod proxy;
 pub mod secret;
 pub mod server;

@@ -16,6 +16,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use crate::paths::{self, Changeable, WayError, parent_dir};
 use crate::sys;
 
 /// What goes in the file.
@@ -113,69 +114,20 @@ pub fn judge_existing(path: &Path, f: FileFacts, euid: u32) -> Result<(), Server
     Ok(())
 }
 
-/// Pure: may the server-info file live in (or under) a directory with this mode and
-/// owner? Only this user and root may own it, and others may not write it unless it is
-/// sticky (then they cannot rename or remove what is not theirs).
-pub fn judge_directory(dir: &Path, mode: u32, uid: u32, euid: u32) -> Result<(), ServerInfoError> {
-    if uid != euid && uid != 0 {
-        return Err(ServerInfoError::OtherOwnerOnTheWay {
-            path: dir.to_path_buf(),
-            uid,
-        });
-    }
-    if mode & 0o002 != 0 && mode & 0o1000 == 0 {
-        return Err(ServerInfoError::OpenDirectory(dir.to_path_buf()));
-    }
-    Ok(())
-}
-
-/// Pure: may a symbolic link with this owner lie on the way to the file? Its owner could
-/// remove it and make another (in a sticky directory too).
-pub fn judge_link(link: &Path, uid: u32, euid: u32) -> Result<(), ServerInfoError> {
-    if uid != euid && uid != 0 {
-        return Err(ServerInfoError::OtherOwnerOnTheWay {
-            path: link.to_path_buf(),
-            uid,
-        });
-    }
-    Ok(())
-}
-
-/// Checks every directory on the way to `dir` (`dir` included) as the path names them, any
-/// link among them, and the directories the path really goes through once links are
-/// followed.
-fn check_the_way(dir: &Path, euid: u32) -> Result<(), ServerInfoError> {
-    let named = if dir.is_absolute() {
-        dir.to_path_buf()
-    } else {
-        std::env::current_dir()
-            .map_err(io_err(dir, "reading the working directory"))?
-            .join(dir)
-    };
-    let real = fs::canonicalize(dir).map_err(io_err(dir, "resolving the directory"))?;
-    for way in [&named, &real] {
-        for step in way.ancestors() {
-            let here = fs::symlink_metadata(step).map_err(io_err(step, "inspecting"))?;
-            if here.file_type().is_symlink() {
-                judge_link(step, here.uid(), euid)?;
-            }
-            let m = fs::metadata(step).map_err(io_err(step, "inspecting"))?;
-            judge_directory(step, m.mode(), m.uid(), euid)?;
+/// Whether another user could change the way to `dir`, as a server-info refusal.
+fn check_the_way(dir: &Path) -> Result<(), ServerInfoError> {
+    paths::check_the_way(dir, sys::effective_uid()).map_err(|e| match e {
+        WayError::Changeable(Changeable::OpenToOthers(p)) => ServerInfoError::OpenDirectory(p),
+        WayError::Changeable(Changeable::OtherOwner { path, uid }) => {
+            ServerInfoError::OtherOwnerOnTheWay { path, uid }
         }
-    }
-    Ok(())
+        WayError::Io { op, path, source } => ServerInfoError::Io { path, op, source },
+    })
 }
 
 fn io_err(path: &Path, op: &'static str) -> impl FnOnce(io::Error) -> ServerInfoError {
     let path = path.to_path_buf();
     move |source| ServerInfoError::Io { path, op, source }
-}
-
-fn parent_dir(path: &Path) -> PathBuf {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    }
 }
 
 /// Checks that `path` can be written safely, creating its directory (0700) if missing.
@@ -189,7 +141,7 @@ pub fn preflight(path: &Path) -> Result<(), ServerInfoError> {
             .create(&dir)
             .map_err(io_err(&dir, "creating the directory"))?;
     }
-    check_the_way(&dir, sys::effective_uid())?;
+    check_the_way(&dir)?;
     match fs::symlink_metadata(path) {
         Ok(m) => judge_existing(
             path,
@@ -333,34 +285,6 @@ mod tests {
         assert!(matches!(
             judge_existing(p, facts(false, true, 0o100444, 1000), 1000),
             Err(ServerInfoError::TooOpen { .. })
-        ));
-    }
-
-    #[test]
-    fn directory_table() {
-        let d = Path::new("/x");
-        for owner in [1000, 0] {
-            assert!(judge_directory(d, 0o040700, owner, 1000).is_ok());
-            assert!(judge_directory(d, 0o040755, owner, 1000).is_ok());
-            assert!(judge_directory(d, 0o041777, owner, 1000).is_ok());
-            assert!(matches!(
-                judge_directory(d, 0o040777, owner, 1000),
-                Err(ServerInfoError::OpenDirectory(_))
-            ));
-            assert!(judge_directory(d, 0o040703, owner, 1000).is_err());
-        }
-        // Another user's directory, however closed, sticky or not; root's own included.
-        for (mode, euid) in [(0o040700, 1000), (0o041777, 1000), (0o040755, 0)] {
-            assert!(matches!(
-                judge_directory(d, mode, 1001, euid),
-                Err(ServerInfoError::OtherOwnerOnTheWay { uid: 1001, .. })
-            ));
-        }
-        assert!(judge_link(d, 1000, 1000).is_ok());
-        assert!(judge_link(d, 0, 1000).is_ok());
-        assert!(matches!(
-            judge_link(d, 1001, 1000),
-            Err(ServerInfoError::OtherOwnerOnTheWay { uid: 1001, .. })
         ));
     }
 

@@ -193,6 +193,41 @@ pub enum UpstreamFailure {
     Unavailable,
 }
 
+/// Reads the `--upstream-ca` file, refusing one that another user could have written: its
+/// certificates decide who may receive the key. The file (a link to it included) must be
+/// this user's or root's and not writable by others, and so must the directories on the
+/// way to it (`paths`). The bytes are read from the file that was judged.
+fn read_trusted(path: &Path) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let euid = crate::sys::effective_uid();
+    let refuse = |c: crate::paths::Changeable| {
+        format!(
+            "{c}; its certificates decide who may receive the key, so it must be a file that \
+             only you or root can change, in directories only you or root can change"
+        )
+    };
+    let refuse_way = |e: crate::paths::WayError| match e {
+        crate::paths::WayError::Changeable(c) => refuse(c),
+        other => other.to_string(),
+    };
+    if let Ok(l) = std::fs::symlink_metadata(path)
+        && l.file_type().is_symlink()
+    {
+        crate::paths::judge_link(path, l.uid(), euid).map_err(refuse)?;
+    }
+    crate::paths::check_the_way(&crate::paths::parent_dir(path), euid).map_err(refuse_way)?;
+    let real = std::fs::canonicalize(path)
+        .map_err(|e| format!("cannot resolve the path ({e}); give the path of a regular file"))?;
+    crate::paths::check_the_way(&crate::paths::parent_dir(&real), euid).map_err(refuse_way)?;
+    let mut file = std::fs::File::open(&real).map_err(|e| e.to_string())?;
+    let m = file.metadata().map_err(|e| e.to_string())?;
+    crate::paths::judge_file(path, m.mode(), m.uid(), euid).map_err(refuse)?;
+    let mut pem = Vec::new();
+    file.read_to_end(&mut pem).map_err(|e| e.to_string())?;
+    Ok(pem)
+}
+
 fn load_roots(ca: Option<&Path>) -> Result<RootCertStore, UpstreamSetupError> {
     let mut roots = RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
@@ -201,7 +236,7 @@ fn load_roots(ca: Option<&Path>) -> Result<RootCertStore, UpstreamSetupError> {
             path: path.to_path_buf(),
             reason,
         };
-        let pem = std::fs::read(path).map_err(|e| ca_err(e.to_string()))?;
+        let pem = read_trusted(path).map_err(ca_err)?;
         let mut added = 0;
         for cert in CertificateDer::pem_slice_iter(&pem) {
             let cert = cert.map_err(|e| ca_err(format!("not a PEM certificate file ({e})")))?;

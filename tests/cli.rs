@@ -109,6 +109,70 @@ fn a_ca_file_without_certificates_is_a_usage_error() {
     assert!(err.contains("no PEM certificate"), "{err}");
 }
 
+/// The `--upstream-ca` file decides who may receive the key: one that another user could
+/// have written (theirs, writable by others, in a directory of theirs, through a link of
+/// theirs) is refused before it is read.
+#[test]
+fn a_ca_file_another_user_could_change_is_refused() {
+    let dir = tempfile::tempdir().expect("dir");
+    let ca_err = |ca: &std::path::Path| {
+        let (code, err) = run_to_exit(
+            &[
+                "--upstream-url",
+                UP,
+                "--upstream-ca",
+                ca.to_str().expect("utf8"),
+            ],
+            format!("{KEY}\n").as_bytes(),
+        );
+        assert_eq!(code, Some(2), "{}: {err}", ca.display());
+        err
+    };
+    let open = write_file(dir.path(), "open.pem", "hello\n");
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o646)).expect("chmod");
+    let err = ca_err(&open);
+    assert!(
+        err.contains("is writable by other users") && err.contains("who may receive the key"),
+        "{err}"
+    );
+    // Ours, through a link of ours: taken (and then found to hold no certificate).
+    let mine = write_file(dir.path(), "mine.pem", "hello\n");
+    let our_link = dir.path().join("our-link.pem");
+    std::os::unix::fs::symlink(&mine, &our_link).expect("symlink");
+    assert!(ca_err(&our_link).contains("no PEM certificate"));
+    if !is_root() {
+        eprintln!(
+            "skipped the rest: handing files to the user nobody needs root (CI runs as root)"
+        );
+        return;
+    }
+    let theirs = write_file(dir.path(), "theirs.pem", "hello\n");
+    std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).expect("chown");
+    let their_dir = dir.path().join("their-dir");
+    std::fs::create_dir(&their_dir).expect("mkdir");
+    let in_their_dir = write_file(&their_dir, "ca.pem", "hello\n");
+    std::os::unix::fs::chown(&their_dir, Some(65534), Some(65534)).expect("chown");
+    let their_link = dir.path().join("their-link.pem");
+    std::os::unix::fs::symlink(&mine, &their_link).expect("symlink");
+    std::os::unix::fs::lchown(&their_link, Some(65534), Some(65534)).expect("lchown");
+    let our_link_into_theirs = dir.path().join("into-theirs.pem");
+    std::os::unix::fs::symlink(&in_their_dir, &our_link_into_theirs).expect("symlink");
+    for (ca, named) in [
+        (&theirs, &theirs),
+        (&in_their_dir, &their_dir),
+        (&their_link, &their_link),
+        (&our_link_into_theirs, &their_dir),
+    ] {
+        let err = ca_err(ca);
+        assert!(
+            err.contains("belongs to another user (uid 65534)")
+                && err.contains(named.to_str().expect("utf8")),
+            "{}: {err}",
+            ca.display()
+        );
+    }
+}
+
 #[test]
 fn bad_keys_exit_3_with_a_clear_message_and_no_key_bytes() {
     let long = "k".repeat(8193);
