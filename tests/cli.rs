@@ -9,6 +9,14 @@ use common::*;
 
 const UP: &str = "http://127.0.0.1:9/v1/responses";
 
+/// Runs the proxy with `--upstream-url UP FLAG PATH` and the key on stdin, to its exit.
+fn exit_with(flag: &str, path: &std::path::Path) -> (Option<i32>, String) {
+    run_to_exit(
+        &["--upstream-url", UP, flag, path.to_str().expect("utf8")],
+        format!("{KEY}\n").as_bytes(),
+    )
+}
+
 #[test]
 fn help_and_version_exit_zero() {
     let (code, out) = run_to_exit(&["--help"], b"");
@@ -96,15 +104,7 @@ fn bad_flags_exit_2_without_reading_the_key() {
 fn a_ca_file_without_certificates_is_a_usage_error() {
     let dir = tempfile::tempdir().expect("dir");
     let ca = write_file(dir.path(), "ca.pem", "hello\n");
-    let (code, err) = run_to_exit(
-        &[
-            "--upstream-url",
-            UP,
-            "--upstream-ca",
-            ca.to_str().expect("utf8"),
-        ],
-        format!("{KEY}\n").as_bytes(),
-    );
+    let (code, err) = exit_with("--upstream-ca", &ca);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("no PEM certificate"), "{err}");
 }
@@ -116,15 +116,7 @@ fn a_ca_file_without_certificates_is_a_usage_error() {
 fn a_ca_file_another_user_could_change_is_refused() {
     let dir = tempfile::tempdir().expect("dir");
     let ca_err = |ca: &std::path::Path| {
-        let (code, err) = run_to_exit(
-            &[
-                "--upstream-url",
-                UP,
-                "--upstream-ca",
-                ca.to_str().expect("utf8"),
-            ],
-            format!("{KEY}\n").as_bytes(),
-        );
+        let (code, err) = exit_with("--upstream-ca", ca);
         assert_eq!(code, Some(2), "{}: {err}", ca.display());
         err
     };
@@ -258,15 +250,7 @@ fn server_info_refusals_exit_6_and_leave_the_path_untouched() {
     let decoy = write_file(dir.path(), "decoy", "decoy contents");
     let link = dir.path().join("link.json");
     std::os::unix::fs::symlink(&decoy, &link).expect("symlink");
-    let (code, err) = run_to_exit(
-        &[
-            "--upstream-url",
-            UP,
-            "--server-info",
-            link.to_str().expect("utf8"),
-        ],
-        format!("{KEY}\n").as_bytes(),
-    );
+    let (code, err) = exit_with("--server-info", &link);
     assert_eq!(code, Some(6), "{err}");
     assert!(err.contains("symbolic link"), "{err}");
     assert_eq!(
@@ -283,15 +267,7 @@ fn server_info_refusals_exit_6_and_leave_the_path_untouched() {
     // An existing file readable by others.
     let loose = write_file(dir.path(), "loose.json", "old");
     std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o644)).expect("chmod");
-    let (code, err) = run_to_exit(
-        &[
-            "--upstream-url",
-            UP,
-            "--server-info",
-            loose.to_str().expect("utf8"),
-        ],
-        format!("{KEY}\n").as_bytes(),
-    );
+    let (code, err) = exit_with("--server-info", &loose);
     assert_eq!(code, Some(6), "{err}");
     assert!(err.contains("0644"), "{err}");
     assert_eq!(std::fs::read_to_string(&loose).expect("loose"), "old");
@@ -301,29 +277,13 @@ fn server_info_refusals_exit_6_and_leave_the_path_untouched() {
     std::fs::create_dir(&open).expect("mkdir");
     std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).expect("chmod");
     let target = open.join("info.json");
-    let (code, err) = run_to_exit(
-        &[
-            "--upstream-url",
-            UP,
-            "--server-info",
-            target.to_str().expect("utf8"),
-        ],
-        format!("{KEY}\n").as_bytes(),
-    );
+    let (code, err) = exit_with("--server-info", &target);
     assert_eq!(code, Some(6), "{err}");
     assert!(err.contains("sticky"), "{err}");
     assert!(!target.exists());
 
     // A directory: not a regular file.
-    let (code, _) = run_to_exit(
-        &[
-            "--upstream-url",
-            UP,
-            "--server-info",
-            dir.path().to_str().expect("utf8"),
-        ],
-        format!("{KEY}\n").as_bytes(),
-    );
+    let (code, _) = exit_with("--server-info", dir.path());
     assert_eq!(code, Some(6));
 }
 
@@ -361,15 +321,7 @@ fn a_server_info_path_another_user_could_change_is_refused() {
         (ours_into_theirs.join("info.json"), theirs.clone()),
     ];
     for (path, named) in &cases {
-        let (code, err) = run_to_exit(
-            &[
-                "--upstream-url",
-                UP,
-                "--server-info",
-                path.to_str().expect("utf8"),
-            ],
-            format!("{KEY}\n").as_bytes(),
-        );
+        let (code, err) = exit_with("--server-info", path);
         assert_eq!(code, Some(6), "{}: {err}", path.display());
         assert!(
             err.contains("belongs to another user (uid 65534)")
@@ -583,15 +535,7 @@ fn dump_dir_refusals_exit_1_and_follow_no_link() {
     std::os::unix::fs::symlink(&decoy, &link).expect("symlink");
     let file = write_file(dir.path(), "file", "x");
     for (path, says) in [(&link, "symbolic link"), (&file, "not a directory")] {
-        let (code, err) = run_to_exit(
-            &[
-                "--upstream-url",
-                UP,
-                "--dump-dir",
-                path.to_str().expect("utf8"),
-            ],
-            format!("{KEY}\n").as_bytes(),
-        );
+        let (code, err) = exit_with("--dump-dir", path);
         assert_eq!(code, Some(1), "{err}");
         assert!(err.contains("--dump-dir") && err.contains(says), "{err}");
     }
