@@ -222,7 +222,7 @@ fn read_trusted(path: &Path) -> Result<Vec<u8>, String> {
     crate::paths::check_the_way(&crate::paths::parent_dir(&real), euid).map_err(refuse_way)?;
     let mut file = std::fs::File::open(&real).map_err(|e| e.to_string())?;
     let m = file.metadata().map_err(|e| e.to_string())?;
-    crate::paths::judge_file(path, m.mode(), m.uid(), euid).map_err(refuse)?;
+    crate::paths::judge_file(&real, m.mode(), m.uid(), euid).map_err(refuse)?;
     let mut pem = Vec::new();
     file.read_to_end(&mut pem).map_err(|e| e.to_string())?;
     Ok(pem)
