@@ -217,9 +217,26 @@ fn read_trusted(path: &Path) -> Result<Vec<u8>, String> {
         crate::paths::judge_link(path, l.uid(), euid).map_err(refuse)?;
     }
     crate::paths::check_the_way(&crate::paths::parent_dir(path), euid).map_err(refuse_way)?;
-    let real = std::fs::canonicalize(path)
-        .map_err(|e| format!("cannot resolve the path ({e}); give the path of a regular file"))?;
-    crate::paths::check_the_way(&crate::paths::parent_dir(&real), euid).map_err(refuse_way)?;
+    let real = match std::fs::canonicalize(path) {
+        Ok(real) => {
+            crate::paths::check_the_way(&crate::paths::parent_dir(&real), euid)
+                .map_err(refuse_way)?;
+            real
+        }
+        // A pipe the operator's shell made (`--upstream-ca <(…)`, `/dev/fd/63`) names no
+        // file to resolve; its way was checked above and the pipe itself is judged below.
+        Err(_)
+            if std::fs::metadata(path)
+                .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_fifo(&m.file_type())) =>
+        {
+            path.to_path_buf()
+        }
+        Err(e) => {
+            return Err(format!(
+                "cannot resolve the path ({e}); give the path of a regular file"
+            ));
+        }
+    };
     let mut file = std::fs::File::open(&real).map_err(|e| e.to_string())?;
     let m = file.metadata().map_err(|e| e.to_string())?;
     crate::paths::judge_file(&real, m.mode(), m.uid(), euid).map_err(refuse)?;

@@ -165,6 +165,28 @@ fn a_ca_file_another_user_could_change_is_refused() {
     }
 }
 
+/// A CA handed over through a pipe of the operator's shell (`--upstream-ca <(…)`, which the
+/// proxy sees as `/dev/fd/N`, a path that resolves to no file) is read like a file.
+#[test]
+fn a_ca_from_a_pipe_of_the_operator_is_read() {
+    let out = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "printf '%s\\n' {KEY} | {} --upstream-url {UP} --upstream-ca <(printf 'hello\\n')",
+            bin()
+        ))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("bash");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    // Past the checks and read: its content is what is refused.
+    assert!(
+        err.contains("/dev/fd/") && err.contains("no PEM certificate"),
+        "{err}"
+    );
+}
+
 #[test]
 fn bad_keys_exit_3_with_a_clear_message_and_no_key_bytes() {
     let long = "k".repeat(8193);
