@@ -173,6 +173,19 @@ mod tests {
             check_the_way(&dir.path().join("missing"), euid),
             Err(WayError::Io { .. })
         ));
+        // A private directory under one everyone may write: refused, naming that one.
+        use std::os::unix::fs::PermissionsExt;
+        let open = dir.path().join("open");
+        let inner = open.join("inner");
+        fs::create_dir_all(&inner).expect("mkdir");
+        fs::set_permissions(&open, fs::Permissions::from_mode(0o777)).expect("chmod");
+        match check_the_way(&inner, euid) {
+            Err(WayError::Changeable(Changeable::OpenToOthers(p))) => assert_eq!(p, open),
+            other => panic!("{other:?}"),
+        }
+        // With the sticky bit, others cannot move what is not theirs: taken.
+        fs::set_permissions(&open, fs::Permissions::from_mode(0o1777)).expect("chmod");
+        check_the_way(&inner, euid).expect("sticky");
         assert_eq!(parent_dir(Path::new("info.json")), Path::new("."));
         assert_eq!(parent_dir(Path::new("/a/b")), Path::new("/a"));
     }
