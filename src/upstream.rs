@@ -237,13 +237,24 @@ fn read_trusted(path: &Path) -> Result<Vec<u8>, String> {
             ));
         }
     };
-    let mut file = std::fs::File::open(&real).map_err(|e| e.to_string())?;
+    let file = std::fs::File::open(&real).map_err(|e| e.to_string())?;
     let m = file.metadata().map_err(|e| e.to_string())?;
     crate::paths::judge_file(&real, m.mode(), m.uid(), euid).map_err(refuse)?;
     let mut pem = Vec::new();
-    file.read_to_end(&mut pem).map_err(|e| e.to_string())?;
+    file.take(MAX_CA_FILE + 1)
+        .read_to_end(&mut pem)
+        .map_err(|e| e.to_string())?;
+    if pem.len() as u64 > MAX_CA_FILE {
+        return Err(format!(
+            "larger than {} MiB; give a file of PEM certificates (a system bundle is well under 1 MiB)",
+            MAX_CA_FILE >> 20
+        ));
+    }
     Ok(pem)
 }
+
+/// The most `--upstream-ca` may hold (a pipe or a device could go on for ever).
+const MAX_CA_FILE: u64 = 16 << 20;
 
 fn load_roots(ca: Option<&Path>) -> Result<RootCertStore, UpstreamSetupError> {
     let mut roots = RootCertStore::empty();

@@ -185,6 +185,19 @@ fn a_ca_from_a_pipe_of_the_operator_is_read() {
         err.contains("/dev/fd/") && err.contains("no PEM certificate"),
         "{err}"
     );
+    // A pipe that never ends is read up to a bound, not until memory runs out.
+    let out = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "printf '%s\\n' {KEY} | {} --upstream-url {UP} --upstream-ca <(yes)",
+            bin()
+        ))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("bash");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("larger than 16 MiB"), "{err}");
 }
 
 #[test]
