@@ -169,34 +169,32 @@ fn a_ca_file_another_user_could_change_is_refused() {
 /// proxy sees as `/dev/fd/N`, a path that resolves to no file) is read like a file.
 #[test]
 fn a_ca_from_a_pipe_of_the_operator_is_read() {
-    let out = std::process::Command::new("bash")
-        .arg("-c")
-        .arg(format!(
-            "printf '%s\\n' {KEY} | {} --upstream-url {UP} --upstream-ca <(printf 'hello\\n')",
-            bin()
-        ))
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("bash");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    // The proxy's exit code and stderr with `--upstream-ca <(PIPE)`, run by bash.
+    let with_pipe = |pipe: &str| {
+        let out = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                "printf '%s\\n' {KEY} | {} --upstream-url {UP} --upstream-ca <({pipe})",
+                bin()
+            ))
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("bash");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = with_pipe("printf 'hello\\n'");
+    assert_eq!(code, Some(2), "{err}");
     // Past the checks and read: its content is what is refused.
     assert!(
         err.contains("/dev/fd/") && err.contains("no PEM certificate"),
         "{err}"
     );
     // A pipe that never ends is read up to a bound, not until memory runs out.
-    let out = std::process::Command::new("bash")
-        .arg("-c")
-        .arg(format!(
-            "printf '%s\\n' {KEY} | {} --upstream-url {UP} --upstream-ca <(yes)",
-            bin()
-        ))
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("bash");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let (code, err) = with_pipe("yes");
+    assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("larger than 16 MiB"), "{err}");
 }
 
