@@ -816,15 +816,7 @@ mod tests {
     fn writes_redacted_files_with_private_modes() {
         let dir = tempfile::tempdir().expect("tempdir");
         let ddir = dir.path().join("dumps");
-        let dumper = Arc::new(
-            Dumper::new(
-                &ddir,
-                1024,
-                1 << 20,
-                Logger::new(LogFormat::Text, LogLevel::Error),
-            )
-            .expect("dumper"),
-        );
+        let dumper = Arc::new(quiet_dumper(&ddir).expect("dumper"));
         let mut h = HeaderMap::new();
         h.insert("authorization", HeaderValue::from_static("Bearer tok"));
         h.insert("content-type", HeaderValue::from_static("application/json"));
@@ -899,10 +891,15 @@ mod tests {
     }
 
     fn quiet_dumper(dir: &Path) -> Result<Dumper, DumpDirError> {
+        dumper_of(dir, 1024, 1 << 20)
+    }
+
+    /// A dumper whose warnings go nowhere, with these limits.
+    fn dumper_of(dir: &Path, max_body: usize, max_memory: usize) -> Result<Dumper, DumpDirError> {
         Dumper::new(
             dir,
-            1024,
-            1 << 20,
+            max_body,
+            max_memory,
             Logger::new(LogFormat::Text, LogLevel::Error),
         )
     }
@@ -1005,13 +1002,7 @@ mod tests {
     fn dumps_together_hold_at_most_the_memory_budget() {
         let dir = tempfile::tempdir().expect("tempdir");
         let budget = 64 << 10;
-        let dumper = Dumper::new(
-            dir.path(),
-            1 << 20,
-            budget,
-            Logger::new(LogFormat::Text, LogLevel::Error),
-        )
-        .expect("dumper");
+        let dumper = dumper_of(dir.path(), 1 << 20, budget).expect("dumper");
         let h = HeaderMap::new();
         let chunk = vec![b'a'; 16 << 10];
         let (mut a, _) = dumper.begin(&Method::POST, "/a", &h).expect("room");
@@ -1060,13 +1051,7 @@ mod tests {
     #[test]
     fn an_exchange_with_no_room_for_its_head_is_not_dumped_and_counted() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let dumper = Dumper::new(
-            dir.path(),
-            1 << 20,
-            64 << 10,
-            Logger::new(LogFormat::Text, LogLevel::Error),
-        )
-        .expect("dumper");
+        let dumper = dumper_of(dir.path(), 1 << 20, 64 << 10).expect("dumper");
         let h = HeaderMap::new();
         let (mut a, slot) = dumper.begin(&Method::POST, "/a", &h).expect("room");
         a.push(&vec![b'a'; 64 << 10]);
@@ -1090,13 +1075,7 @@ mod tests {
     #[test]
     fn closing_with_a_slow_disk_says_not_all_was_written_and_the_writer_goes_on() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let dumper = Dumper::new(
-            dir.path(),
-            1 << 20,
-            1 << 20,
-            Logger::new(LogFormat::Text, LogLevel::Error),
-        )
-        .expect("dumper");
+        let dumper = dumper_of(dir.path(), 1 << 20, 1 << 20).expect("dumper");
         let h = HeaderMap::new();
         let disk = dumper.shared.stall.lock().expect("stall");
         let (mut a, _) = dumper.begin(&Method::POST, "/a", &h).expect("room");

@@ -17,6 +17,11 @@ fn exit_with(flag: &str, path: &std::path::Path) -> (Option<i32>, String) {
     )
 }
 
+/// Hands `path` (itself, not what a link points to) to the user nobody (needs root).
+fn give_to_nobody(path: &std::path::Path) {
+    std::os::unix::fs::lchown(path, Some(65534), Some(65534)).expect("lchown");
+}
+
 #[test]
 fn help_and_version_exit_zero() {
     let (code, out) = run_to_exit(&["--help"], b"");
@@ -139,14 +144,14 @@ fn a_ca_file_another_user_could_change_is_refused() {
         return;
     }
     let theirs = write_file(dir.path(), "theirs.pem", "hello\n");
-    std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).expect("chown");
+    give_to_nobody(&theirs);
     let their_dir = dir.path().join("their-dir");
     std::fs::create_dir(&their_dir).expect("mkdir");
     let in_their_dir = write_file(&their_dir, "ca.pem", "hello\n");
-    std::os::unix::fs::chown(&their_dir, Some(65534), Some(65534)).expect("chown");
+    give_to_nobody(&their_dir);
     let their_link = dir.path().join("their-link.pem");
     std::os::unix::fs::symlink(&mine, &their_link).expect("symlink");
-    std::os::unix::fs::lchown(&their_link, Some(65534), Some(65534)).expect("lchown");
+    give_to_nobody(&their_link);
     let our_link_into_theirs = dir.path().join("into-theirs.pem");
     std::os::unix::fs::symlink(&in_their_dir, &our_link_into_theirs).expect("symlink");
     for (ca, named) in [
@@ -336,13 +341,13 @@ fn a_server_info_path_another_user_could_change_is_refused() {
     std::fs::create_dir(&mine_under_theirs).expect("mkdir");
     std::fs::set_permissions(&mine_under_theirs, std::fs::Permissions::from_mode(0o700))
         .expect("chmod");
-    std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).expect("chown");
+    give_to_nobody(&theirs);
     // A private directory of ours, reached through a link that is theirs.
     let mine = dir.path().join("mine");
     std::fs::create_dir(&mine).expect("mkdir");
     let link = dir.path().join("link");
     std::os::unix::fs::symlink(&mine, &link).expect("symlink");
-    std::os::unix::fs::lchown(&link, Some(65534), Some(65534)).expect("lchown");
+    give_to_nobody(&link);
     // A link of ours into their directory: the way it really goes is checked too.
     let ours_into_theirs = dir.path().join("ours-into-theirs");
     std::os::unix::fs::symlink(&mine_under_theirs, &ours_into_theirs).expect("symlink");
@@ -588,7 +593,7 @@ fn a_dump_dir_owned_by_another_user_is_a_warning() {
     let dumps = dir.path().join("dumps");
     std::fs::create_dir(&dumps).expect("mkdir");
     std::fs::set_permissions(&dumps, std::fs::Permissions::from_mode(0o700)).expect("chmod");
-    std::os::unix::fs::chown(&dumps, Some(65534), Some(65534)).expect("chown");
+    give_to_nobody(&dumps);
     let mut p = start_proxy(&[
         "--upstream-url",
         UP,
