@@ -5,6 +5,11 @@
 //!
 //! The decisions are pure ([`judge_directory`], [`judge_link`], [`judge_file`]);
 //! [`check_the_way`] walks a directory's path and feeds them what `lstat`/`stat` say.
+//!
+//! A group may write only where it is this user's own: a user-private group (its id is the
+//! user's id and the process's group, the convention under which Debian and Ubuntu give
+//! each user a group and a umask of 002). Any other group may have other members, and the
+//! group database cannot say for sure that it has none (members may come from LDAP).
 
 use std::fs;
 use std::io;
@@ -26,6 +31,68 @@ pub enum Changeable {
     /// what is in it), or a file others may write.
     #[error("{0} is writable by other users")]
     OpenToOthers(PathBuf),
+    /// A directory its group may write without the sticky bit, or a file its group may
+    /// write, where the group is not this user's own (see the module's text).
+    #[error("{path} is writable by its group (gid {gid}), which other users may belong to")]
+    OpenToGroup {
+        /// The directory or file.
+        path: PathBuf,
+        /// Its group.
+        gid: u32,
+    },
+    /// A directory (not sticky) or file with an access ACL whose mask allows writing: the
+    /// ACL may name other users or groups who may write it.
+    #[error("{0} has an access ACL that may let other users write it")]
+    AclOpen(PathBuf),
+}
+
+/// What `stat` and the file's ACL say of a directory or file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Facts {
+    /// Type and permission bits (with an ACL, the group bits are its mask).
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// It has an access ACL beyond its mode bits.
+    pub extended_acl: bool,
+}
+
+impl Facts {
+    /// The facts of `m`, with whether an extended ACL was found.
+    pub fn of(m: &fs::Metadata, extended_acl: bool) -> Self {
+        Self {
+            mode: m.mode(),
+            uid: m.uid(),
+            gid: m.gid(),
+            extended_acl,
+        }
+    }
+}
+
+/// The process's effective user and group: who the proxy acts as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Me {
+    /// Effective user id.
+    pub uid: u32,
+    /// Effective group id.
+    pub gid: u32,
+}
+
+impl Me {
+    /// This process's effective ids.
+    pub fn now() -> Self {
+        Self {
+            uid: crate::sys::effective_uid(),
+            gid: crate::sys::effective_gid(),
+        }
+    }
+
+    /// Whether `gid` is this user's private group (no one else's to write with).
+    fn owns_group(self, gid: u32) -> bool {
+        gid == self.gid && gid == self.uid
+    }
 }
 
 /// Why a path's way could not be judged, or was refused.
@@ -46,8 +113,8 @@ pub enum WayError {
     },
 }
 
-fn other_owner(path: &Path, uid: u32, euid: u32) -> Result<(), Changeable> {
-    if uid != euid && uid != 0 {
+fn other_owner(path: &Path, uid: u32, me: Me) -> Result<(), Changeable> {
+    if uid != me.uid && uid != 0 {
         return Err(Changeable::OtherOwner {
             path: path.to_path_buf(),
             uid,
@@ -56,35 +123,55 @@ fn other_owner(path: &Path, uid: u32, euid: u32) -> Result<(), Changeable> {
     Ok(())
 }
 
-/// Pure: only this user and root may own a directory on the way, and others may not write
-/// it unless it is sticky (then they cannot rename or remove what is not theirs).
-pub fn judge_directory(dir: &Path, mode: u32, uid: u32, euid: u32) -> Result<(), Changeable> {
-    other_owner(dir, uid, euid)?;
-    if mode & 0o002 != 0 && mode & 0o1000 == 0 {
-        return Err(Changeable::OpenToOthers(dir.to_path_buf()));
+/// Pure: who besides its owner may write a directory or file with these facts.
+/// `sticky_helps`: a directory's sticky bit keeps writers from renaming or removing what is
+/// not theirs.
+fn writers(path: &Path, f: Facts, me: Me, sticky_helps: bool) -> Result<(), Changeable> {
+    if sticky_helps && f.mode & 0o1000 != 0 {
+        return Ok(());
+    }
+    if f.mode & 0o002 != 0 {
+        return Err(Changeable::OpenToOthers(path.to_path_buf()));
+    }
+    if f.mode & 0o020 != 0 {
+        if f.extended_acl {
+            return Err(Changeable::AclOpen(path.to_path_buf()));
+        }
+        if !me.owns_group(f.gid) {
+            return Err(Changeable::OpenToGroup {
+                path: path.to_path_buf(),
+                gid: f.gid,
+            });
+        }
     }
     Ok(())
+}
+
+/// Pure: only this user and root may own a directory on the way, and neither others nor a
+/// group not this user's own (nor users an ACL names) may write it unless it is sticky
+/// (then they cannot rename or remove what is not theirs).
+pub fn judge_directory(dir: &Path, f: Facts, me: Me) -> Result<(), Changeable> {
+    other_owner(dir, f.uid, me)?;
+    writers(dir, f, me, true)
 }
 
 /// Pure: a symbolic link on the way must be this user's or root's (its owner could remove
 /// it and make another, in a sticky directory too).
-pub fn judge_link(link: &Path, uid: u32, euid: u32) -> Result<(), Changeable> {
-    other_owner(link, uid, euid)
+pub fn judge_link(link: &Path, uid: u32, me: Me) -> Result<(), Changeable> {
+    other_owner(link, uid, me)
 }
 
-/// Pure: a file read for trust must be this user's or root's, and not writable by others.
-pub fn judge_file(file: &Path, mode: u32, uid: u32, euid: u32) -> Result<(), Changeable> {
-    other_owner(file, uid, euid)?;
-    if mode & 0o002 != 0 {
-        return Err(Changeable::OpenToOthers(file.to_path_buf()));
-    }
-    Ok(())
+/// Pure: a file read for trust must be this user's or root's, and writable neither by
+/// others nor by a group not this user's own (nor by users an ACL names).
+pub fn judge_file(file: &Path, f: Facts, me: Me) -> Result<(), Changeable> {
+    other_owner(file, f.uid, me)?;
+    writers(file, f, me, false)
 }
 
 /// Checks every directory on the way to `dir` (`dir` included): as the path names them
 /// (made absolute from the working directory), any link among those, and the directories
 /// the path really goes through once links are followed.
-pub fn check_the_way(dir: &Path, euid: u32) -> Result<(), WayError> {
+pub fn check_the_way(dir: &Path, me: Me) -> Result<(), WayError> {
     let io_err = |op, path: &Path| {
         let path = path.to_path_buf();
         move |source| WayError::Io { op, path, source }
@@ -101,10 +188,12 @@ pub fn check_the_way(dir: &Path, euid: u32) -> Result<(), WayError> {
         for step in way.ancestors() {
             let here = fs::symlink_metadata(step).map_err(io_err("inspecting", step))?;
             if here.file_type().is_symlink() {
-                judge_link(step, here.uid(), euid)?;
+                judge_link(step, here.uid(), me)?;
             }
             let m = fs::metadata(step).map_err(io_err("inspecting", step))?;
-            judge_directory(step, m.mode(), m.uid(), euid)?;
+            let acl = crate::sys::has_extended_acl(step)
+                .map_err(io_err("reading the access ACL of", step))?;
+            judge_directory(step, Facts::of(&m, acl), me)?;
         }
     }
     Ok(())
@@ -122,41 +211,117 @@ pub fn parent_dir(path: &Path) -> PathBuf {
 mod tests {
     use super::*;
 
+    const ME: Me = Me {
+        uid: 1000,
+        gid: 1000,
+    };
+
+    /// Facts without an ACL.
+    fn f(mode: u32, uid: u32, gid: u32) -> Facts {
+        Facts {
+            mode,
+            uid,
+            gid,
+            extended_acl: false,
+        }
+    }
+
     #[test]
     fn who_may_own_and_write_what() {
         let d = Path::new("/x");
         for owner in [1000, 0] {
-            assert!(judge_directory(d, 0o040700, owner, 1000).is_ok());
-            assert!(judge_directory(d, 0o040755, owner, 1000).is_ok());
-            assert!(judge_directory(d, 0o041777, owner, 1000).is_ok());
+            assert!(judge_directory(d, f(0o040700, owner, 1000), ME).is_ok());
+            assert!(judge_directory(d, f(0o040755, owner, 1000), ME).is_ok());
+            assert!(judge_directory(d, f(0o041777, owner, 1000), ME).is_ok());
             assert!(matches!(
-                judge_directory(d, 0o040777, owner, 1000),
+                judge_directory(d, f(0o040777, owner, 1000), ME),
                 Err(Changeable::OpenToOthers(_))
             ));
-            assert!(judge_directory(d, 0o040703, owner, 1000).is_err());
-            assert!(judge_link(d, owner, 1000).is_ok());
-            assert!(judge_file(d, 0o100644, owner, 1000).is_ok());
-            assert!(judge_file(d, 0o100600, owner, 1000).is_ok());
+            assert!(judge_directory(d, f(0o040703, owner, 1000), ME).is_err());
+            assert!(judge_link(d, owner, ME).is_ok());
+            assert!(judge_file(d, f(0o100644, owner, 1000), ME).is_ok());
+            assert!(judge_file(d, f(0o100600, owner, 1000), ME).is_ok());
             assert!(matches!(
-                judge_file(d, 0o100646, owner, 1000),
+                judge_file(d, f(0o100646, owner, 1000), ME),
                 Err(Changeable::OpenToOthers(_))
             ));
         }
         // Another user's, however closed or sticky; also when the proxy runs as root.
-        for (mode, euid) in [(0o040700, 1000), (0o041777, 1000), (0o040755, 0)] {
+        let root = Me { uid: 0, gid: 0 };
+        for (mode, me) in [(0o040700, ME), (0o041777, ME), (0o040755, root)] {
             assert!(matches!(
-                judge_directory(d, mode, 1001, euid),
+                judge_directory(d, f(mode, 1001, 1001), me),
                 Err(Changeable::OtherOwner { uid: 1001, .. })
             ));
         }
         assert!(matches!(
-            judge_link(d, 1001, 1000),
+            judge_link(d, 1001, ME),
             Err(Changeable::OtherOwner { uid: 1001, .. })
         ));
         assert!(matches!(
-            judge_file(d, 0o100600, 1001, 0),
+            judge_file(d, f(0o100600, 1001, 1001), root),
             Err(Changeable::OtherOwner { uid: 1001, .. })
         ));
+    }
+
+    #[test]
+    fn a_group_may_write_only_where_it_is_this_users_own() {
+        let d = Path::new("/x");
+        // The user's private group (its id is the user's and the process's group): taken,
+        // for root too.
+        for me in [ME, Me { uid: 0, gid: 0 }] {
+            assert!(judge_directory(d, f(0o040775, me.uid, me.gid), me).is_ok());
+            assert!(judge_file(d, f(0o100664, me.uid, me.gid), me).is_ok());
+        }
+        // Any other group: refused, naming it, from a directory of ours or root's.
+        for owner in [1000, 0] {
+            for gid in [100, 0, 1001] {
+                assert!(matches!(
+                    judge_directory(d, f(0o040770, owner, gid), ME),
+                    Err(Changeable::OpenToGroup { gid: g, .. }) if g == gid
+                ));
+                assert!(matches!(
+                    judge_file(d, f(0o100660, owner, gid), ME),
+                    Err(Changeable::OpenToGroup { gid: g, .. }) if g == gid
+                ));
+                // Read by the group only: taken.
+                assert!(judge_directory(d, f(0o040750, owner, gid), ME).is_ok());
+                assert!(judge_file(d, f(0o100640, owner, gid), ME).is_ok());
+            }
+        }
+        // The process's group that is not a private one (e.g. a shared `users` group).
+        let shared = Me {
+            uid: 1000,
+            gid: 100,
+        };
+        assert!(judge_directory(d, f(0o040775, 1000, 100), shared).is_err());
+        // A user whose id matches a group it does not act as.
+        assert!(judge_directory(d, f(0o040775, 1000, 1000), shared).is_err());
+        // Sticky: its group cannot move what is not theirs; a file has no such protection.
+        assert!(judge_directory(d, f(0o041770, 1000, 100), ME).is_ok());
+        assert!(judge_file(d, f(0o101660, 1000, 100), ME).is_err());
+    }
+
+    #[test]
+    fn an_acl_whose_mask_allows_writing_is_refused_even_in_our_own_group() {
+        let d = Path::new("/x");
+        let acl = |mode| Facts {
+            extended_acl: true,
+            ..f(mode, 1000, 1000)
+        };
+        // The mask (the group bits) allows writing: the ACL may name anyone.
+        assert!(matches!(
+            judge_directory(d, acl(0o040775), ME),
+            Err(Changeable::AclOpen(_))
+        ));
+        assert!(matches!(
+            judge_file(d, acl(0o100664), ME),
+            Err(Changeable::AclOpen(_))
+        ));
+        // It does not: no one the ACL names may write. Sticky: they cannot move our files.
+        assert!(judge_directory(d, acl(0o040755), ME).is_ok());
+        assert!(judge_file(d, acl(0o100644), ME).is_ok());
+        assert!(judge_directory(d, acl(0o041775), ME).is_ok());
     }
 
     #[test]
@@ -166,11 +331,11 @@ mod tests {
         fs::create_dir(&mine).expect("mkdir");
         let link = dir.path().join("link");
         std::os::unix::fs::symlink(&mine, &link).expect("symlink");
-        let euid = crate::sys::effective_uid();
-        check_the_way(&link, euid).expect("through our own link");
-        check_the_way(Path::new("."), euid).expect("the working directory");
+        let me = Me::now();
+        check_the_way(&link, me).expect("through our own link");
+        check_the_way(Path::new("."), me).expect("the working directory");
         assert!(matches!(
-            check_the_way(&dir.path().join("missing"), euid),
+            check_the_way(&dir.path().join("missing"), me),
             Err(WayError::Io { .. })
         ));
         // A private directory under one everyone may write: refused, naming that one.
@@ -179,13 +344,13 @@ mod tests {
         let inner = open.join("inner");
         fs::create_dir_all(&inner).expect("mkdir");
         fs::set_permissions(&open, fs::Permissions::from_mode(0o777)).expect("chmod");
-        match check_the_way(&inner, euid) {
+        match check_the_way(&inner, me) {
             Err(WayError::Changeable(Changeable::OpenToOthers(p))) => assert_eq!(p, open),
             other => panic!("{other:?}"),
         }
         // With the sticky bit, others cannot move what is not theirs: taken.
         fs::set_permissions(&open, fs::Permissions::from_mode(0o1777)).expect("chmod");
-        check_the_way(&inner, euid).expect("sticky");
+        check_the_way(&inner, me).expect("sticky");
         assert_eq!(parent_dir(Path::new("info.json")), Path::new("."));
         assert_eq!(parent_dir(Path::new("/a/b")), Path::new("/a"));
     }

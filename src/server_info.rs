@@ -59,6 +59,21 @@ pub enum ServerInfoError {
         "refusing --server-info in {0}: the directory is writable by other users without the sticky bit, so they could replace the file; use a private directory"
     )]
     OpenDirectory(PathBuf),
+    /// A directory on the way its group may write, where the group is not this user's own.
+    #[error(
+        "refusing --server-info under {path}: its group (gid {gid}) may write it, so another member could replace the file; `chmod g-w` it or use a directory that only you (or root) can change"
+    )]
+    GroupDirectory {
+        /// The directory.
+        path: PathBuf,
+        /// Its group.
+        gid: u32,
+    },
+    /// A directory on the way with an access ACL that may let other users write it.
+    #[error(
+        "refusing --server-info under {0}: its access ACL may let other users write it, so they could replace the file; remove the ACL (`setfacl -b`) or use a directory that only you (or root) can change"
+    )]
+    AclDirectory(PathBuf),
     /// A directory or link on the way to the file belongs to another user (not root).
     #[error(
         "refusing --server-info under {path}: it belongs to another user (uid {uid}), who could replace the file and send the clients that read it elsewhere; use a directory that only you (or root) can change, e.g. one the proxy creates"
@@ -116,8 +131,12 @@ pub fn judge_existing(path: &Path, f: FileFacts, euid: u32) -> Result<(), Server
 
 /// Whether another user could change the way to `dir`, as a server-info refusal.
 fn check_the_way(dir: &Path) -> Result<(), ServerInfoError> {
-    paths::check_the_way(dir, sys::effective_uid()).map_err(|e| match e {
+    paths::check_the_way(dir, paths::Me::now()).map_err(|e| match e {
         WayError::Changeable(Changeable::OpenToOthers(p)) => ServerInfoError::OpenDirectory(p),
+        WayError::Changeable(Changeable::OpenToGroup { path, gid }) => {
+            ServerInfoError::GroupDirectory { path, gid }
+        }
+        WayError::Changeable(Changeable::AclOpen(p)) => ServerInfoError::AclDirectory(p),
         WayError::Changeable(Changeable::OtherOwner { path, uid }) => {
             ServerInfoError::OtherOwnerOnTheWay { path, uid }
         }

@@ -308,6 +308,49 @@ pub fn effective_uid() -> u32 {
     unsafe { libc::geteuid() }
 }
 
+/// The extended attribute that holds a file's access ACL (absent when the ACL is just the
+/// mode bits).
+const ACL_ACCESS: &CStr = c"system.posix_acl_access";
+
+/// Whether `path` (a link followed) has an access ACL beyond its mode bits, which may name
+/// other users or groups (`getxattr(2)` of its size only). A file system without ACLs has
+/// none.
+pub fn has_extended_acl(path: &std::path::Path) -> io::Result<bool> {
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a path"))?;
+    // SAFETY: both strings are NUL-terminated and live across the call; a null buffer of
+    // size 0 asks only for the value's size, so nothing is written.
+    let r = unsafe { libc::getxattr(path.as_ptr(), ACL_ACCESS.as_ptr(), std::ptr::null_mut(), 0) };
+    acl_answer(r)
+}
+
+/// [`has_extended_acl`] of an open file (`fgetxattr(2)`).
+pub fn fd_has_extended_acl(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the descriptor is open for the borrow; the name is NUL-terminated and
+    // static; a null buffer of size 0 asks only for the value's size, so nothing is written.
+    let r =
+        unsafe { libc::fgetxattr(fd.as_raw_fd(), ACL_ACCESS.as_ptr(), std::ptr::null_mut(), 0) };
+    acl_answer(r)
+}
+
+fn acl_answer(size: isize) -> io::Result<bool> {
+    if size >= 0 {
+        return Ok(size > 0);
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::ENODATA) | Some(libc::EOPNOTSUPP) => Ok(false),
+        _ => Err(e),
+    }
+}
+
+/// The effective group id of the process.
+pub fn effective_gid() -> u32 {
+    // SAFETY: getegid cannot fail and has no preconditions.
+    unsafe { libc::getegid() }
+}
+
 unsafe extern "C" {
     /// The C library's environment block.
     static mut environ: *mut *mut libc::c_char;

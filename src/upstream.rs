@@ -195,12 +195,13 @@ pub enum UpstreamFailure {
 
 /// Reads the `--upstream-ca` file, refusing one that another user could have written: its
 /// certificates decide who may receive the key. The file (a link to it included) must be
-/// this user's or root's and not writable by others, and so must the directories on the
-/// way to it (`paths`). The bytes are read from the file that was judged.
+/// this user's or root's and writable neither by others nor by a group not this user's
+/// own, and so must the directories on the way to it (`paths`). The bytes are read from
+/// the file that was judged.
 fn read_trusted(path: &Path) -> Result<Vec<u8>, String> {
     use std::io::Read;
     use std::os::unix::fs::MetadataExt;
-    let euid = crate::sys::effective_uid();
+    let me = crate::paths::Me::now();
     let refuse = |c: crate::paths::Changeable| {
         format!(
             "{c}; its certificates decide who may receive the key, so it must be a file that \
@@ -214,12 +215,12 @@ fn read_trusted(path: &Path) -> Result<Vec<u8>, String> {
     if let Ok(l) = std::fs::symlink_metadata(path)
         && l.file_type().is_symlink()
     {
-        crate::paths::judge_link(path, l.uid(), euid).map_err(refuse)?;
+        crate::paths::judge_link(path, l.uid(), me).map_err(refuse)?;
     }
-    crate::paths::check_the_way(&crate::paths::parent_dir(path), euid).map_err(refuse_way)?;
+    crate::paths::check_the_way(&crate::paths::parent_dir(path), me).map_err(refuse_way)?;
     let real = match std::fs::canonicalize(path) {
         Ok(real) => {
-            crate::paths::check_the_way(&crate::paths::parent_dir(&real), euid)
+            crate::paths::check_the_way(&crate::paths::parent_dir(&real), me)
                 .map_err(refuse_way)?;
             real
         }
@@ -239,7 +240,9 @@ fn read_trusted(path: &Path) -> Result<Vec<u8>, String> {
     };
     let file = std::fs::File::open(&real).map_err(|e| e.to_string())?;
     let m = file.metadata().map_err(|e| e.to_string())?;
-    crate::paths::judge_file(&real, m.mode(), m.uid(), euid).map_err(refuse)?;
+    let acl = crate::sys::fd_has_extended_acl(std::os::fd::AsFd::as_fd(&file))
+        .map_err(|e| format!("reading its access ACL: {e}"))?;
+    crate::paths::judge_file(&real, crate::paths::Facts::of(&m, acl), me).map_err(refuse)?;
     let mut pem = Vec::new();
     file.take(MAX_CA_FILE + 1)
         .read_to_end(&mut pem)

@@ -371,6 +371,154 @@ fn a_server_info_path_another_user_could_change_is_refused() {
     }
 }
 
+/// Hands `path` to the group nogroup (needs root); its owner stays.
+fn give_to_nogroup(path: &std::path::Path) {
+    std::os::unix::fs::lchown(path, None, Some(65534)).expect("lchown");
+}
+
+/// A group may write a directory on the way to the server-info file or the `--upstream-ca`
+/// file, or that file, only where the group is the proxy user's own private group: any
+/// other group may have members who could replace them.
+#[test]
+fn a_path_its_group_could_change_is_refused_unless_the_group_is_ours() {
+    if !is_root() {
+        eprintln!("skipped: handing directories to the group nogroup needs root (CI runs as root)");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("dir");
+    let mode = |p: &std::path::Path, m: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).expect("chmod")
+    };
+    // A directory its group (nogroup) may write; a sticky one; one only ours may write.
+    let shared = dir.path().join("shared");
+    let sticky = dir.path().join("sticky");
+    let ours = dir.path().join("ours");
+    for (d, m) in [(&shared, 0o770), (&sticky, 0o1770), (&ours, 0o770)] {
+        std::fs::create_dir(d).expect("mkdir");
+        mode(d, m);
+    }
+    give_to_nogroup(&shared);
+    give_to_nogroup(&sticky);
+    let info = shared.join("info.json");
+    let (code, err) = exit_with("--server-info", &info);
+    assert_eq!(code, Some(6), "{err}");
+    assert!(
+        err.contains("its group (gid 65534) may write it")
+            && err.contains(shared.to_str().expect("utf8"))
+            && err.contains("chmod g-w"),
+        "{err}"
+    );
+    assert!(!info.exists());
+    // The CA: a file its group may write, and a file of ours in the shared directory.
+    let ca_err = |ca: &std::path::Path| {
+        let (code, err) = exit_with("--upstream-ca", ca);
+        assert_eq!(code, Some(2), "{}: {err}", ca.display());
+        err
+    };
+    let group_ca = write_file(dir.path(), "group.pem", "hello\n");
+    mode(&group_ca, 0o660);
+    give_to_nogroup(&group_ca);
+    let in_shared = write_file(&shared, "ca.pem", "hello\n");
+    for (ca, named) in [(&group_ca, &group_ca), (&in_shared, &shared)] {
+        let err = ca_err(ca);
+        assert!(
+            err.contains("is writable by its group (gid 65534)")
+                && err.contains(named.to_str().expect("utf8")),
+            "{}: {err}",
+            ca.display()
+        );
+    }
+    // Root's own group (the proxy runs as root here) may write: taken, and so is a sticky
+    // directory of a group (it cannot move what is not its members').
+    let own_ca = write_file(&ours, "ca.pem", "hello\n");
+    mode(&own_ca, 0o660);
+    assert!(ca_err(&own_ca).contains("no PEM certificate"));
+    let sticky_ca = write_file(&sticky, "ca.pem", "hello\n");
+    assert!(ca_err(&sticky_ca).contains("no PEM certificate"));
+    for place in [&ours, &sticky] {
+        let info = place.join("info.json");
+        let mut child = spawn_with_key(
+            std::process::Command::new(bin())
+                .args([
+                    "--upstream-url",
+                    UP,
+                    "--server-info",
+                    info.to_str().expect("utf8"),
+                ])
+                .stderr(std::process::Stdio::null()),
+            KEY,
+        );
+        poll_until(Duration::from_secs(10), "server-info written", || {
+            std::fs::read_to_string(&info)
+                .ok()
+                .filter(|t| t.contains("auth_token"))
+        });
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// An access ACL may name other users who may write a directory or file though its group
+/// is the proxy user's own: where its mask allows writing, it is refused.
+#[test]
+fn a_path_an_acl_lets_others_write_is_refused() {
+    if !is_root()
+        || std::process::Command::new("setfacl")
+            .arg("--version")
+            .output()
+            .is_err()
+    {
+        eprintln!(
+            "skipped: needs root and setfacl (Debian's acl; CI installs it and runs as root)"
+        );
+        return;
+    }
+    let setfacl = |entry: &str, p: &std::path::Path| {
+        let ok = std::process::Command::new("setfacl")
+            .args(["-m", entry])
+            .arg(p)
+            .status()
+            .expect("setfacl")
+            .success();
+        assert!(ok, "setfacl -m {entry} {}", p.display());
+    };
+    let dir = tempfile::tempdir().expect("dir");
+    let shared = dir.path().join("shared");
+    std::fs::create_dir(&shared).expect("mkdir");
+    setfacl("u:nobody:rwx", &shared);
+    let info = shared.join("info.json");
+    let (code, err) = exit_with("--server-info", &info);
+    assert_eq!(code, Some(6), "{err}");
+    assert!(
+        err.contains("its access ACL may let other users write it")
+            && err.contains(shared.to_str().expect("utf8")),
+        "{err}"
+    );
+    assert!(!info.exists());
+    let in_shared = write_file(&shared, "ca.pem", "hello\n");
+    let shared_ca = write_file(dir.path(), "shared.pem", "hello\n");
+    setfacl("u:nobody:rw", &shared_ca);
+    for (ca, named) in [(&in_shared, &shared), (&shared_ca, &shared_ca)] {
+        let (code, err) = exit_with("--upstream-ca", ca);
+        assert_eq!(code, Some(2), "{}: {err}", ca.display());
+        assert!(
+            err.contains("has an access ACL that may let other users write it")
+                && err.contains(named.to_str().expect("utf8")),
+            "{}: {err}",
+            ca.display()
+        );
+    }
+    // An ACL that lets no one else write (its mask has no write): taken.
+    let read_only = dir.path().join("read-only");
+    std::fs::create_dir(&read_only).expect("mkdir");
+    setfacl("u:nobody:rx", &read_only);
+    let ca = write_file(&read_only, "ca.pem", "hello\n");
+    setfacl("u:nobody:r", &ca);
+    let (code, err) = exit_with("--upstream-ca", &ca);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("no PEM certificate"), "{err}");
+}
+
 #[test]
 fn existing_private_server_info_file_is_replaced() {
     let dir = tempfile::tempdir().expect("dir");
