@@ -17,6 +17,13 @@ fn exit_with(flag: &str, path: &std::path::Path) -> (Option<i32>, String) {
     )
 }
 
+/// The proxy's refusal of `--upstream-ca CA`: it exits 2; its stderr.
+fn ca_err(ca: &std::path::Path) -> String {
+    let (code, err) = exit_with("--upstream-ca", ca);
+    assert_eq!(code, Some(2), "{}: {err}", ca.display());
+    err
+}
+
 /// Hands `path` (itself, not what a link points to) to the user nobody (needs root).
 fn give_to_nobody(path: &std::path::Path) {
     std::os::unix::fs::lchown(path, Some(65534), Some(65534)).expect("lchown");
@@ -109,8 +116,7 @@ fn bad_flags_exit_2_without_reading_the_key() {
 fn a_ca_file_without_certificates_is_a_usage_error() {
     let dir = tempfile::tempdir().expect("dir");
     let ca = write_file(dir.path(), "ca.pem", "hello\n");
-    let (code, err) = exit_with("--upstream-ca", &ca);
-    assert_eq!(code, Some(2), "{err}");
+    let err = ca_err(&ca);
     assert!(err.contains("no PEM certificate"), "{err}");
 }
 
@@ -120,11 +126,6 @@ fn a_ca_file_without_certificates_is_a_usage_error() {
 #[test]
 fn a_ca_file_another_user_could_change_is_refused() {
     let dir = tempfile::tempdir().expect("dir");
-    let ca_err = |ca: &std::path::Path| {
-        let (code, err) = exit_with("--upstream-ca", ca);
-        assert_eq!(code, Some(2), "{}: {err}", ca.display());
-        err
-    };
     let open = write_file(dir.path(), "open.pem", "hello\n");
     std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o646)).expect("chmod");
     let err = ca_err(&open);
@@ -371,6 +372,29 @@ fn a_server_info_path_another_user_could_change_is_refused() {
     }
 }
 
+/// Starts the proxy with `--server-info INFO`, waits (10 s at most) until the file holds a
+/// token, then stops it.
+fn writes_server_info(info: &std::path::Path) {
+    let mut child = spawn_with_key(
+        std::process::Command::new(bin())
+            .args([
+                "--upstream-url",
+                UP,
+                "--server-info",
+                info.to_str().expect("utf8"),
+            ])
+            .stderr(std::process::Stdio::null()),
+        KEY,
+    );
+    poll_until(Duration::from_secs(10), "server-info written", || {
+        std::fs::read_to_string(info)
+            .ok()
+            .filter(|t| t.contains("auth_token"))
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// Hands `path` to the group nogroup (needs root); its owner stays.
 fn give_to_nogroup(path: &std::path::Path) {
     std::os::unix::fs::lchown(path, None, Some(65534)).expect("lchown");
@@ -410,11 +434,6 @@ fn a_path_its_group_could_change_is_refused_unless_the_group_is_ours() {
     );
     assert!(!info.exists());
     // The CA: a file its group may write, and a file of ours in the shared directory.
-    let ca_err = |ca: &std::path::Path| {
-        let (code, err) = exit_with("--upstream-ca", ca);
-        assert_eq!(code, Some(2), "{}: {err}", ca.display());
-        err
-    };
     let group_ca = write_file(dir.path(), "group.pem", "hello\n");
     mode(&group_ca, 0o660);
     give_to_nogroup(&group_ca);
@@ -436,25 +455,7 @@ fn a_path_its_group_could_change_is_refused_unless_the_group_is_ours() {
     let sticky_ca = write_file(&sticky, "ca.pem", "hello\n");
     assert!(ca_err(&sticky_ca).contains("no PEM certificate"));
     for place in [&ours, &sticky] {
-        let info = place.join("info.json");
-        let mut child = spawn_with_key(
-            std::process::Command::new(bin())
-                .args([
-                    "--upstream-url",
-                    UP,
-                    "--server-info",
-                    info.to_str().expect("utf8"),
-                ])
-                .stderr(std::process::Stdio::null()),
-            KEY,
-        );
-        poll_until(Duration::from_secs(10), "server-info written", || {
-            std::fs::read_to_string(&info)
-                .ok()
-                .filter(|t| t.contains("auth_token"))
-        });
-        let _ = child.kill();
-        let _ = child.wait();
+        writes_server_info(&place.join("info.json"));
     }
 }
 
@@ -499,8 +500,7 @@ fn a_path_an_acl_lets_others_write_is_refused() {
     let shared_ca = write_file(dir.path(), "shared.pem", "hello\n");
     setfacl("u:nobody:rw", &shared_ca);
     for (ca, named) in [(&in_shared, &shared), (&shared_ca, &shared_ca)] {
-        let (code, err) = exit_with("--upstream-ca", ca);
-        assert_eq!(code, Some(2), "{}: {err}", ca.display());
+        let err = ca_err(ca);
         assert!(
             err.contains("has an access ACL that may let other users write it")
                 && err.contains(named.to_str().expect("utf8")),
@@ -514,8 +514,7 @@ fn a_path_an_acl_lets_others_write_is_refused() {
     setfacl("u:nobody:rx", &read_only);
     let ca = write_file(&read_only, "ca.pem", "hello\n");
     setfacl("u:nobody:r", &ca);
-    let (code, err) = exit_with("--upstream-ca", &ca);
-    assert_eq!(code, Some(2), "{err}");
+    let err = ca_err(&ca);
     assert!(err.contains("no PEM certificate"), "{err}");
 }
 
@@ -524,24 +523,7 @@ fn existing_private_server_info_file_is_replaced() {
     let dir = tempfile::tempdir().expect("dir");
     let info = write_file(dir.path(), "info.json", "stale");
     std::fs::set_permissions(&info, std::fs::Permissions::from_mode(0o600)).expect("chmod");
-    let mut child = spawn_with_key(
-        std::process::Command::new(bin())
-            .args([
-                "--upstream-url",
-                UP,
-                "--server-info",
-                info.to_str().expect("utf8"),
-            ])
-            .stderr(std::process::Stdio::null()),
-        KEY,
-    );
-    poll_until(Duration::from_secs(10), "new server-info", || {
-        std::fs::read_to_string(&info)
-            .ok()
-            .filter(|t| t.contains("auth_token"))
-    });
-    let _ = child.kill();
-    let _ = child.wait();
+    writes_server_info(&info);
 }
 
 #[test]
