@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::Parser;
 use responses_api_proxy::config::{Args, Config};
 use responses_api_proxy::secret::ApiKey;
-use responses_api_proxy::{RunError, hardening, log, sys};
+use responses_api_proxy::{RunError, hardening, log, paths, sys};
 
 /// Every freed block is zeroed first, so freed HTTP/TLS buffers keep no copy of the key.
 #[global_allocator]
@@ -58,6 +58,17 @@ fn run() -> Result<(), RunError> {
             "could not lock the key in memory; it may be written to swap (raise RLIMIT_MEMLOCK: \
              ulimit -l)",
             vec![("reason", e.to_string())],
+        ));
+    }
+    if let Some((file, mode, who)) = paths::stdin_file_readers() {
+        warnings.push((
+            "the key was read from a file that others can read; `chmod 600` it (or pipe the \
+             key in from a secret store)",
+            vec![
+                ("file", file),
+                ("mode", format!("{mode:04o}")),
+                ("readable_by", who.to_string()),
+            ],
         ));
     }
     if let Err(e) = sys::replace_stdin_with_dev_null() {

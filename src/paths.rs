@@ -168,6 +168,67 @@ pub fn judge_file(file: &Path, f: Facts, me: Me) -> Result<(), Changeable> {
     writers(file, f, me, false)
 }
 
+/// Who besides this user and root could read a file holding a secret.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readers {
+    /// It belongs to another user, who can read it (or make it readable).
+    Owner(u32),
+    /// Its mode lets every user read it.
+    Others,
+    /// Its group may read it, and the group is not this user's own private group.
+    Group(u32),
+    /// An access ACL whose mask allows reading may name other users.
+    Acl,
+}
+
+impl std::fmt::Display for Readers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Owner(uid) => write!(f, "its owner, another user (uid {uid})"),
+            Self::Others => f.write_str("every user"),
+            Self::Group(gid) => write!(f, "its group (gid {gid})"),
+            Self::Acl => f.write_str("users its access ACL names"),
+        }
+    }
+}
+
+/// Pure: who else could read a regular file with these facts (the first reason found).
+pub fn other_readers(f: Facts, me: Me) -> Option<Readers> {
+    if f.uid != me.uid && f.uid != 0 {
+        return Some(Readers::Owner(f.uid));
+    }
+    if f.mode & 0o004 != 0 {
+        return Some(Readers::Others);
+    }
+    if f.mode & 0o040 != 0 {
+        if f.extended_acl {
+            return Some(Readers::Acl);
+        }
+        if !me.owns_group(f.gid) {
+            return Some(Readers::Group(f.gid));
+        }
+    }
+    None
+}
+
+/// When standard input is a regular file (`proxy < key-file`) that others could read: its
+/// path as `/proc` names it (or `standard input`), its mode, and who. `None` for a pipe, a
+/// terminal, or a private file. To be called before standard input is replaced.
+pub fn stdin_file_readers() -> Option<(String, u32, Readers)> {
+    use std::os::fd::AsFd;
+    let file = std::fs::File::from(std::io::stdin().as_fd().try_clone_to_owned().ok()?);
+    let m = file.metadata().ok()?;
+    if !m.is_file() {
+        return None;
+    }
+    let acl = crate::sys::fd_has_extended_acl(file.as_fd()).unwrap_or(false);
+    let who = other_readers(Facts::of(&m, acl), Me::now())?;
+    let path = fs::read_link("/proc/self/fd/0")
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "standard input".to_owned());
+    Some((path, m.mode() & 0o7777, who))
+}
+
 /// Checks every directory on the way to `dir` (`dir` included): as the path names them
 /// (made absolute from the working directory), any link among those, and the directories
 /// the path really goes through once links are followed.
@@ -322,6 +383,37 @@ mod tests {
         assert!(judge_directory(d, acl(0o040755), ME).is_ok());
         assert!(judge_file(d, acl(0o100644), ME).is_ok());
         assert!(judge_directory(d, acl(0o041775), ME).is_ok());
+    }
+
+    #[test]
+    fn who_else_could_read_a_secret_file() {
+        for me in [ME, Me { uid: 0, gid: 0 }] {
+            assert_eq!(other_readers(f(0o100600, me.uid, me.gid), me), None);
+            assert_eq!(other_readers(f(0o100400, 0, 0), me), None);
+            // Its own private group: no one else.
+            assert_eq!(other_readers(f(0o100640, me.uid, me.gid), me), None);
+            assert_eq!(
+                other_readers(f(0o100644, me.uid, me.gid), me),
+                Some(Readers::Others)
+            );
+            assert_eq!(
+                other_readers(f(0o100640, me.uid, 4242), me),
+                Some(Readers::Group(4242))
+            );
+            assert_eq!(
+                other_readers(f(0o100600, 1001, 1001), me),
+                Some(Readers::Owner(1001))
+            );
+            let acl = |mode| Facts {
+                extended_acl: true,
+                ..f(mode, me.uid, me.gid)
+            };
+            assert_eq!(other_readers(acl(0o100640), me), Some(Readers::Acl));
+            // A mask without read: no one the ACL names may read.
+            assert_eq!(other_readers(acl(0o100600), me), None);
+        }
+        // Writable only, by the group: not a reader.
+        assert_eq!(other_readers(f(0o100620, 1000, 100), ME), None);
     }
 
     #[test]

@@ -545,6 +545,58 @@ fn fixed_port_is_used() {
     assert_eq!(p.port, port);
 }
 
+/// `proxy < key-file`: a file others could read is warned about (the key is already where
+/// they can get it), naming the file and who; a private file or a pipe is not.
+#[test]
+fn a_key_file_others_can_read_is_warned_about() {
+    // The proxy's stderr with the key read from `file`; a busy port ends it (exit 5) just
+    // after the start-up warnings.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = busy.local_addr().expect("addr").port().to_string();
+    let stderr_with = |file: &std::path::Path| {
+        let out = std::process::Command::new(bin())
+            .args(["--upstream-url", UP, "--port", &port])
+            .stdin(std::fs::File::open(file).expect("key file"))
+            .output()
+            .expect("run");
+        assert_eq!(out.status.code(), Some(5));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let warning = "the key was read from a file that others can read";
+    let dir = tempfile::tempdir().expect("dir");
+    let key = write_file(dir.path(), "key", &format!("{KEY}\n"));
+    let mode =
+        |m: u32| std::fs::set_permissions(&key, std::fs::Permissions::from_mode(m)).expect("chmod");
+    mode(0o644);
+    let err = stderr_with(&key);
+    assert!(
+        err.contains(warning)
+            && err.contains("mode=0644")
+            && err.contains("every user")
+            && err.contains("chmod 600")
+            && !err.contains(KEY),
+        "{err}"
+    );
+    if is_root() {
+        // (As root the path is named; /proc/self/fd is not readable to a process that is
+        // not dumpable otherwise.)
+        assert!(err.contains(key.to_str().expect("utf8")), "{err}");
+    }
+    mode(0o600);
+    let err = stderr_with(&key);
+    assert!(!err.contains(warning), "{err}");
+    if !is_root() {
+        eprintln!("skipped the rest: handing files to nobody needs root (CI runs as root)");
+        return;
+    }
+    mode(0o640);
+    std::os::unix::fs::lchown(&key, None, Some(65534)).expect("chgrp");
+    assert!(stderr_with(&key).contains("its group (gid 65534)"));
+    mode(0o600);
+    give_to_nobody(&key);
+    assert!(stderr_with(&key).contains("its owner, another user (uid 65534)"));
+}
+
 #[test]
 fn key_in_the_environment_is_wiped_and_warned_about() {
     let p = start_proxy_with(
