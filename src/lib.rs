@@ -142,8 +142,18 @@ pub fn prepare(config: Config, key: ApiKey) -> Result<Prepared, RunError> {
     let logger = Logger::new(config.log_format, config.log_level);
     crate::log::start(config.log_format);
     let token = ProxyToken::generate().map_err(|e| RunError::Runtime(e.to_string()))?;
-    if let Some(path) = &config.server_info {
-        server_info::preflight(path)?;
+    match &config.server_info {
+        Some(path) => server_info::preflight(path)?,
+        // The token will be printed to standard error: not into a file others can read.
+        None => {
+            use std::os::fd::AsFd;
+            let stderr = std::io::stderr();
+            if let Some((file, mode, who)) =
+                crate::paths::open_file_readers(stderr.as_fd(), "/proc/self/fd/2")
+            {
+                return Err(server_info::ServerInfoError::OpenStderr { file, mode, who }.into());
+            }
+        }
     }
     let upstream = Upstream::new(
         &config.upstream,

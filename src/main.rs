@@ -2,6 +2,7 @@
 //! found before it are logged then), serve (which starts the worker threads), map the
 //! result to an exit code. No logic lives here.
 
+use std::os::fd::AsFd;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -60,7 +61,10 @@ fn run() -> Result<(), RunError> {
             vec![("reason", e.to_string())],
         ));
     }
-    if let Some((file, mode, who)) = paths::stdin_file_readers() {
+    // Before standard input is replaced: the key's file, if it was one.
+    if let Some((file, mode, who)) =
+        paths::open_file_readers(std::io::stdin().as_fd(), "/proc/self/fd/0")
+    {
         warnings.push((
             "the key was read from a file that others can read; `chmod 600` it (or pipe the \
              key in from a secret store)",

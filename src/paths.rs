@@ -211,21 +211,26 @@ pub fn other_readers(f: Facts, me: Me) -> Option<Readers> {
     None
 }
 
-/// When standard input is a regular file (`proxy < key-file`) that others could read: its
-/// path as `/proc` names it (or `standard input`), its mode, and who. `None` for a pipe, a
-/// terminal, or a private file. To be called before standard input is replaced.
-pub fn stdin_file_readers() -> Option<(String, u32, Readers)> {
+/// When descriptor `fd` of this process (named `/proc/self/fd/N` by `proc_name`) is a
+/// regular file that others could read: its path as `/proc` names it (or `proc_name`), its
+/// mode, and who. `None` for a pipe, a terminal, a socket, or a private file. Standard input
+/// holding the key (`proxy < key-file`) and standard error about to receive the token are
+/// looked at this way.
+pub fn open_file_readers(
+    fd: std::os::fd::BorrowedFd<'_>,
+    proc_name: &str,
+) -> Option<(String, u32, Readers)> {
     use std::os::fd::AsFd;
-    let file = std::fs::File::from(std::io::stdin().as_fd().try_clone_to_owned().ok()?);
+    let file = std::fs::File::from(fd.try_clone_to_owned().ok()?);
     let m = file.metadata().ok()?;
     if !m.is_file() {
         return None;
     }
     let acl = crate::sys::fd_has_extended_acl(file.as_fd()).unwrap_or(false);
     let who = other_readers(Facts::of(&m, acl), Me::now())?;
-    let path = fs::read_link("/proc/self/fd/0")
+    let path = fs::read_link(proc_name)
         .map(|p| p.display().to_string())
-        .unwrap_or_else(|_| "standard input".to_owned());
+        .unwrap_or_else(|_| proc_name.to_owned());
     Some((path, m.mode() & 0o7777, who))
 }
 

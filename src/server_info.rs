@@ -84,6 +84,19 @@ pub enum ServerInfoError {
         /// Its owner.
         uid: u32,
     },
+    /// Without `--server-info` the token goes to standard error, and that is a file others
+    /// could read.
+    #[error(
+        "refusing to print the proxy token to standard error: it is the file {file} (mode {mode:04o}), which {who} can read, and whoever holds the token can spend the key through the proxy; give --server-info FILE, or send standard error to a file only you can read"
+    )]
+    OpenStderr {
+        /// The file, as `/proc/self/fd/2` names it.
+        file: String,
+        /// Its permission bits.
+        mode: u32,
+        /// Who else can read it.
+        who: crate::paths::Readers,
+    },
     /// A filesystem operation failed.
     #[error("cannot write --server-info {path}: {op}: {source}")]
     Io {

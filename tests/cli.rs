@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::time::Duration;
 
 use common::*;
@@ -574,14 +574,10 @@ fn a_key_file_others_can_read_is_warned_about() {
             && err.contains("mode=0644")
             && err.contains("every user")
             && err.contains("chmod 600")
+            && err.contains(key.to_str().expect("utf8"))
             && !err.contains(KEY),
         "{err}"
     );
-    if is_root() {
-        // (As root the path is named; /proc/self/fd is not readable to a process that is
-        // not dumpable otherwise.)
-        assert!(err.contains(key.to_str().expect("utf8")), "{err}");
-    }
     mode(0o600);
     let err = stderr_with(&key);
     assert!(!err.contains(warning), "{err}");
@@ -644,7 +640,7 @@ fn hardening_is_in_place() {
 
 /// Starts the proxy with its stderr a pipe whose reader is already gone (a supervisor that
 /// stopped reading): every write to it fails with EPIPE.
-fn spawn_with_a_dead_stderr(args: &[&str], env: &[(&str, &str)]) -> std::process::Child {
+fn spawn_with_a_dead_stderr(args: &[&str], env: &[(&str, &str)]) -> Reaped {
     use std::io::Write;
     let (reader, writer) = std::io::pipe().expect("pipe");
     drop(reader);
@@ -658,7 +654,7 @@ fn spawn_with_a_dead_stderr(args: &[&str], env: &[(&str, &str)]) -> std::process
         .expect("spawn");
     let mut stdin = child.stdin.take().expect("stdin");
     let _ = stdin.write_all(format!("{KEY}\n").as_bytes());
-    child
+    Reaped(child)
 }
 
 /// A warning at start (here: the key found in the environment) used to be an `eprintln!`,
@@ -706,6 +702,54 @@ fn without_server_info_a_stderr_that_takes_nothing_is_exit_1() {
         child.try_wait().expect("wait")
     });
     assert_eq!(st.code(), Some(1), "{st}");
+}
+
+/// Without `--server-info` the token goes to stderr: never into a file others could read
+/// (whoever reads it can spend the key through the proxy). A private file receives it.
+#[test]
+fn the_token_is_not_printed_into_a_file_others_can_read() {
+    let dir = tempfile::tempdir().expect("dir");
+    let log = dir.path().join("proxy.log");
+    let start = |mode: u32| {
+        let _ = std::fs::remove_file(&log);
+        let file = std::fs::OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .mode(mode)
+            .open(&log)
+            .expect("log file");
+        spawn_with_key(
+            std::process::Command::new(bin())
+                .args(["--upstream-url", UP])
+                .stderr(file),
+            KEY,
+        )
+    };
+    let mut child = start(0o644);
+    let st = poll_until(Duration::from_secs(10), "exit", || {
+        child.try_wait().expect("wait")
+    });
+    let text = std::fs::read_to_string(&log).expect("read log");
+    assert_eq!(st.code(), Some(6), "{text}");
+    assert!(
+        text.contains("refusing to print the proxy token to standard error")
+            && text.contains(log.to_str().expect("utf8"))
+            && text.contains("mode 0644")
+            && text.contains("every user")
+            && text.contains("--server-info")
+            && !text.contains("proxy token:"),
+        "{text}"
+    );
+    // 0600: the token is printed there, once.
+    let mut child = start(0o600);
+    let text = poll_until(Duration::from_secs(10), "token line", || {
+        std::fs::read_to_string(&log)
+            .ok()
+            .filter(|t| t.contains("proxy token: "))
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(text.matches("proxy token: ").count(), 1, "{text}");
 }
 
 /// The start-up warnings are found before logging starts; they are logged once it has, so

@@ -772,7 +772,7 @@ fn an_open_files_limit_with_no_room_for_a_connection_is_refused_at_start() {
 }
 
 /// Starts the proxy with its stderr on a pipe that the caller reads only when it wants to.
-fn start_with_stderr_unread() -> (std::process::Child, u16, tempfile::TempDir) {
+fn start_with_stderr_unread() -> (Reaped, u16, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("dir");
     let info = dir.path().join("info.json");
     let mut child = spawn_with_key(

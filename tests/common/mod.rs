@@ -545,9 +545,34 @@ fn start_proxy_cmd(
     }
 }
 
+/// A child process that is killed and reaped when dropped: a test that fails (a bounded wait
+/// runs out) while the proxy still runs leaves no process behind, holding the test
+/// harness's pipes open.
+pub struct Reaped(pub Child);
+
+impl std::ops::Deref for Reaped {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Reaped {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Spawns `cmd` with piped stdin, writes `key` and a newline to it, and closes it.
-pub fn spawn_with_key(cmd: &mut Command, key: &str) -> Child {
-    let mut child = cmd.stdin(Stdio::piped()).spawn().expect("spawn");
+pub fn spawn_with_key(cmd: &mut Command, key: &str) -> Reaped {
+    let mut child = Reaped(cmd.stdin(Stdio::piped()).spawn().expect("spawn"));
     let mut stdin = child.stdin.take().expect("stdin");
     stdin
         .write_all(format!("{key}\n").as_bytes())
@@ -641,13 +666,15 @@ impl Drop for ProxyProc {
 
 /// Runs the binary to completion with `stdin`; returns (exit code, stderr).
 pub fn run_to_exit(args: &[&str], stdin: &[u8]) -> (Option<i32>, String) {
-    let mut child = Command::new(bin())
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
+    let mut child = Reaped(
+        Command::new(bin())
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn"),
+    );
     let mut pipe = child.stdin.take().expect("stdin");
     let _ = pipe.write_all(stdin);
     drop(pipe);
