@@ -480,25 +480,17 @@ impl Body for ResponseStream {
             match Pin::new(&mut *inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     this.armed = false;
-                    let frame = match frame.into_data() {
-                        Ok(data) => {
-                            let data = this.mask.push(data);
-                            if data.is_empty() {
-                                // Everything was held back as a possible key prefix.
-                                continue;
-                            }
-                            return this.emit(data);
-                        }
-                        Err(frame) => frame,
+                    // Trailers (HTTP/2's; the HTTP/1.1 client drops them) go no further:
+                    // the Responses API sends none, and a client could not be sent them.
+                    let Ok(data) = frame.into_data() else {
+                        continue;
                     };
-                    let frame = match frame.into_trailers() {
-                        Ok(mut trailers) => {
-                            crate::mask::mask_headers(&mut trailers, this.mask.key());
-                            Frame::trailers(trailers)
-                        }
-                        Err(other) => other,
-                    };
-                    return Poll::Ready(Some(Ok(frame)));
+                    let data = this.mask.push(data);
+                    if data.is_empty() {
+                        // Everything was held back as a possible key prefix.
+                        continue;
+                    }
+                    return this.emit(data);
                 }
                 Poll::Ready(Some(Err(e))) => {
                     this.end = StreamEnd::UpstreamBroke;

@@ -972,26 +972,100 @@ mod tests {
     }
 
     #[test]
-    fn refusals_have_fixed_messages_and_statuses() {
+    fn refusals_answer_as_the_readme_table_says() {
         use Refusal::*;
-        for r in [
-            BrowserRequest,
-            BadHost,
-            UnsupportedMediaType,
-            MissingToken,
-            MalformedToken,
-            WrongToken,
-            NotAllowed,
-        ] {
-            assert!(!r.message().is_empty());
-            assert!(r.status().is_client_error());
-            assert!(!r.code().is_empty());
+        // (refusal, status, error.code, error.type, words the message must contain: what
+        // to do about it). The codes and statuses are the README's gate table.
+        let table: [(Refusal, u16, &str, &str, &[&str]); 8] = [
+            (
+                AmbiguousFraming,
+                400,
+                "ambiguous_request_framing",
+                "invalid_request_error",
+                &["Content-Length", "Transfer-Encoding: chunked"],
+            ),
+            (
+                BrowserRequest,
+                403,
+                "browser_request_refused",
+                "permission_error",
+                &["Origin", "Sec-Fetch-Site"],
+            ),
+            (
+                BadHost,
+                403,
+                "invalid_host",
+                "permission_error",
+                &["127.0.0.1:<port>", "http://127.0.0.1:<port>/v1"],
+            ),
+            (
+                UnsupportedMediaType,
+                415,
+                "unsupported_media_type",
+                "invalid_request_error",
+                &["Content-Type: application/json"],
+            ),
+            (
+                MissingToken,
+                401,
+                "missing_proxy_token",
+                "authentication_error",
+                &[
+                    "X-Proxy-Token: <token>",
+                    "Authorization: Bearer <token>",
+                    "--server-info",
+                    "proxy token:",
+                ],
+            ),
+            (
+                MalformedToken,
+                401,
+                "malformed_proxy_token",
+                "authentication_error",
+                &[
+                    "X-Proxy-Token: <token>",
+                    "Authorization: Bearer <token>",
+                    "--server-info",
+                    "proxy token:",
+                ],
+            ),
+            (
+                WrongToken,
+                401,
+                "invalid_proxy_token",
+                "authentication_error",
+                &[
+                    "every launch",
+                    "auth_token",
+                    "--server-info",
+                    "proxy token:",
+                ],
+            ),
+            (
+                NotAllowed,
+                403,
+                "route_not_allowed",
+                "permission_error",
+                &["POST /v1/responses", "http://127.0.0.1:<port>/v1"],
+            ),
+        ];
+        let mut codes = std::collections::HashSet::new();
+        let mut messages = std::collections::HashSet::new();
+        for (r, status, code, error_type, words) in table {
+            assert_eq!(r.status().as_u16(), status, "{r:?}");
+            assert_eq!(r.code(), code, "{r:?}");
+            assert_eq!(r.error_type(), error_type, "{r:?}");
+            for w in words {
+                assert!(
+                    r.message().contains(w),
+                    "{r:?}: {w:?} not in {:?}",
+                    r.message()
+                );
+            }
+            assert!(
+                codes.insert(code) && messages.insert(r.message()),
+                "{r:?} repeats another"
+            );
         }
-        assert_eq!(MissingToken.status(), StatusCode::UNAUTHORIZED);
-        assert_eq!(
-            UnsupportedMediaType.status(),
-            StatusCode::UNSUPPORTED_MEDIA_TYPE
-        );
-        assert!(MissingToken.message().contains("server-info"));
     }
 }

@@ -324,6 +324,13 @@ fn server_info_refusals_exit_6_and_leave_the_path_untouched() {
     // A directory: not a regular file.
     let (code, _) = exit_with("--server-info", dir.path());
     assert_eq!(code, Some(6));
+
+    // A path that cannot be looked at (a name longer than any file system takes) is refused
+    // while checking, before the proxy listens, not when the file is written.
+    let too_long = dir.path().join(format!("{}.json", "a".repeat(300)));
+    let (code, err) = exit_with("--server-info", &too_long);
+    assert_eq!(code, Some(6), "{err}");
+    assert!(err.contains("inspecting the path"), "{err}");
 }
 
 /// A directory or link on the way to the server-info file that another user owns: they
