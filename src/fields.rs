@@ -447,6 +447,34 @@ pub fn is_visible_ascii(s: &[u8]) -> bool {
 pub(crate) mod tests {
     use super::*;
 
+    #[test]
+    fn fields_are_attached_only_where_every_span_lies_in_the_head() {
+        let head = Bytes::from_static(b"ab: cd\r\n");
+        let one = |name, value| {
+            Located(vec![Field {
+                name,
+                value,
+                kind: Name::Other,
+            }])
+        };
+        let fields = Fields::attach(head.clone(), one((0, 2), (4, 6))).expect("inside");
+        assert_eq!(
+            fields.iter().next().map(|(_, n, v)| (n, v)),
+            Some((&b"ab"[..], &b"cd"[..]))
+        );
+        for (name, value) in [
+            ((2, 0), (4, 6)),
+            ((0, 2), (6, 4)),
+            ((0, 9), (4, 6)),
+            ((0, 2), (4, 9)),
+        ] {
+            assert!(
+                Fields::attach(head.clone(), one(name, value)).is_none(),
+                "{name:?} {value:?}"
+            );
+        }
+    }
+
     /// A header map of these (valid) names and values, in order; for the unit tests here
     /// and in `headers`.
     pub(crate) fn map(pairs: &[(&str, &str)]) -> HeaderMap {

@@ -796,6 +796,19 @@ mod tests {
         assert_eq!(parse(raw.as_bytes()).err(), Some(H1Error::HeadTooLarge));
         let huge = format!("HTTP/1.1 200 OK\r\nx: {}", "a".repeat(MAX_RESPONSE_HEAD));
         assert_eq!(parse(huge.as_bytes()).err(), Some(H1Error::HeadTooLarge));
+        // A complete head of exactly the limit is taken; one byte more is too large.
+        let sized = |len: usize| {
+            let frame = "HTTP/1.1 200 OK\r\nx: \r\n\r\n".len();
+            format!("HTTP/1.1 200 OK\r\nx: {}\r\n\r\n", "a".repeat(len - frame))
+        };
+        assert!(matches!(
+            parse(sized(MAX_RESPONSE_HEAD).as_bytes()),
+            Ok(Some(_))
+        ));
+        assert_eq!(
+            parse(sized(MAX_RESPONSE_HEAD + 1).as_bytes()).err(),
+            Some(H1Error::HeadTooLarge)
+        );
     }
 
     #[test]
@@ -896,6 +909,39 @@ mod tests {
         let long_ext = format!("1;{}\r\n", "e".repeat(MAX_CHUNK_LINE));
         assert_eq!(
             decode(long_ext.as_bytes(), 64).err(),
+            Some(H1Error::BadChunk)
+        );
+        // A size line of exactly the limit (CRLF included) is taken; one byte more is not.
+        let line = |len: usize| format!("1;{}\r\nx\r\n0\r\n\r\n", "e".repeat(len - 4));
+        assert_eq!(
+            decode(line(MAX_CHUNK_LINE).as_bytes(), 64),
+            Ok((b"x".to_vec(), true))
+        );
+        assert_eq!(
+            decode(line(MAX_CHUNK_LINE + 1).as_bytes(), 64).err(),
+            Some(H1Error::BadChunk)
+        );
+        // After the size: tabs and spaces and extensions are ignored, control bytes are not.
+        assert_eq!(
+            decode(b"5\t ;a=b\r\nhello\r\n0\r\n\r\n", 1),
+            Ok((b"hello".to_vec(), true))
+        );
+        for bad in [
+            &b"5;a\x01b\r\nhello\r\n0\r\n\r\n"[..],
+            b"5;a\x7fb\r\nhello\r\n0\r\n\r\n",
+            b"5 \x00\r\nhello\r\n0\r\n\r\n",
+        ] {
+            assert_eq!(decode(bad, 1).err(), Some(H1Error::BadChunk), "{bad:?}");
+        }
+        // A trailer section of exactly its limit (final CRLF included) is read and dropped;
+        // one byte more ends the body as malformed.
+        let trailers = |len: usize| format!("0\r\nx: {}\r\n\r\n", "a".repeat(len - 7));
+        assert_eq!(
+            decode(trailers(MAX_TRAILERS).as_bytes(), 4096),
+            Ok((vec![], true))
+        );
+        assert_eq!(
+            decode(trailers(MAX_TRAILERS + 1).as_bytes(), 4096).err(),
             Some(H1Error::BadChunk)
         );
     }
@@ -1002,6 +1048,16 @@ mod tests {
             Some(RequestHeadError::TooLarge),
             "complete but over"
         );
+        // A complete head of exactly the limit is taken; one byte more is too large.
+        let sized = |len: usize| format!("POST / HTTP/1.1\r\nx: {}\r\n\r\n", "a".repeat(len - 24));
+        let mut buf = BytesMut::from(sized(1024).as_bytes());
+        assert!(matches!(parse_request_head(&mut buf, 1024), Ok(Some(_))));
+        assert!(buf.is_empty());
+        let mut buf = BytesMut::from(sized(1025).as_bytes());
+        assert_eq!(
+            parse_request_head(&mut buf, 1024).err(),
+            Some(RequestHeadError::TooLarge)
+        );
         let mut buf = BytesMut::from(&long.as_bytes()[..1500]);
         assert_eq!(
             parse_request_head(&mut buf, 1024).err(),
@@ -1044,6 +1100,18 @@ mod tests {
             let head = request(raw).expect("ok").expect("complete");
             assert_eq!(head.bare_lf, *bare, "{raw:?}");
             assert_eq!(has_bare_lf(raw.as_bytes()), *bare, "{raw:?}");
+        }
+        // The usual heads are decided by their layout alone, without the scan.
+        for raw in [
+            "POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n",
+            "POST / HTTP/1.1\r\n\r\n",
+        ] {
+            let head = request(raw).expect("ok").expect("complete");
+            let target_end = raw.find(" HTTP/1.").expect("request line");
+            assert!(
+                crlf_layout(head.fields.head(), 0, target_end, &head.fields),
+                "{raw:?}"
+            );
         }
         // Empty values are kept, as empty values.
         let head = request("POST / HTTP/1.1\r\nX-Empty:\r\nX-Sp:  \r\n\r\n")
