@@ -308,6 +308,7 @@ mod tests {
         let shown = format!("{m:?} {:?}", Needle::new(KEY));
         assert!(!shown.contains("sk-") && !shown.contains("115"), "{shown}");
         assert!(shown.contains("held: 10"), "{shown}");
+        assert!(shown.contains("Needle([REDACTED])"), "{shown}");
     }
 
     proptest::proptest! {
