@@ -1,7 +1,8 @@
 //! The client-facing HTTP/1.1 side (`src/conn.rs`), byte by byte: keep-alive after refusals,
 //! bodies that never arrive, malformed and oversized heads, `HEAD`, trickled heads,
 //! `100 Continue` only when the body is wanted, HTTP/1.0 streams, pipelined chunked
-//! requests. Each test reads the proxy's answers off a raw socket.
+//! requests, a large response written in parts to a client that pauses, a client that
+//! resets mid-write. Each test reads the proxy's answers off a raw socket.
 
 mod common;
 
@@ -615,6 +616,109 @@ async fn a_client_that_half_closes_counts_as_gone_and_its_stream_is_cancelled() 
         !String::from_utf8_lossy(&rest).contains("0\r\n\r\n"),
         "{rest:?}"
     );
+    poll_until(Duration::from_secs(5), "access line", || {
+        p.stderr_text()
+            .contains("outcome=client_closed")
+            .then_some(())
+    });
+    drop(never);
+}
+
+/// A pattern with no short period, so a byte skipped or repeated anywhere shows.
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_response_to_a_client_that_pauses_arrives_byte_for_byte() {
+    // A response many times larger than the socket buffers, read in bursts with pauses in
+    // between: the buffers fill again and again, so the proxy's writes are taken in part
+    // and must resume exactly where the socket stopped them.
+    let expected = pattern(12 << 20);
+    let steps: Vec<Step> = expected
+        .chunks(100_003)
+        .map(|c| Step::Data(Bytes::copy_from_slice(c)))
+        .collect();
+    let up = MockUpstream::plain(move |_| Reply::sse(steps.clone())).await;
+    let p = start_proxy(&["--upstream-url", &up.url()]);
+    let mut s = connect(&p).await;
+    s.write_all(head(&p, &p.token, "content-length: 2\r\n\r\n{}").as_bytes())
+        .await
+        .expect("write");
+    let mut raw = Vec::new();
+    let mut chunk = vec![0u8; 64 << 10];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut since_pause = 0usize;
+    // Bounded by the response's size: each round reads at least one byte.
+    while !raw.ends_with(b"\r\n0\r\n\r\n") {
+        assert!(raw.len() < 2 * expected.len(), "more than was sent");
+        let n = tokio::time::timeout_at(deadline, s.read(&mut chunk))
+            .await
+            .expect("the whole response in time")
+            .expect("read");
+        assert!(n > 0, "closed after {} bytes", raw.len());
+        raw.extend_from_slice(&chunk[..n]);
+        since_pause += n;
+        if since_pause >= 512 << 10 {
+            since_pause = 0;
+            // Not a wait for anything: the pause is the load pattern.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let (status, _, body) = read_response(&mut s, &mut raw).await;
+    assert_eq!(status, 200);
+    assert_eq!(body.len(), expected.len());
+    assert!(
+        body == expected,
+        "the body differs from what the upstream sent"
+    );
+    assert!(raw.is_empty(), "{} bytes after the response", raw.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_resets_during_a_long_write_ends_its_connection() {
+    // The client resets the connection while the proxy is writing a long response to it:
+    // the failed write ends the connection (it is not taken for a full socket and retried)
+    // and the upstream request is cancelled.
+    let never = Arc::new(Notify::new());
+    let hold = Arc::clone(&never);
+    let chunk = Bytes::from(pattern(1 << 20));
+    let up = MockUpstream::plain(move |_| {
+        let mut steps: Vec<Step> = (0..48).map(|_| Step::Data(chunk.clone())).collect();
+        steps.push(Step::Wait(Arc::clone(&hold)));
+        Reply::sse(steps)
+    })
+    .await;
+    let p = start_proxy(&["--upstream-url", &up.url()]);
+    let mut s = connect(&p).await;
+    s.write_all(head(&p, &p.token, "content-length: 2\r\n\r\n{}").as_bytes())
+        .await
+        .expect("write");
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 64 << 10];
+    while got < 256 << 10 {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("data in time")
+            .expect("read");
+        assert!(n > 0, "closed early");
+        got += n;
+    }
+    assert!(up.state.cancelled.lock().expect("lock").is_empty());
+    // Closing a socket with unread data in its receive buffer resets the connection.
+    let mut one = [0u8; 1];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.peek(&mut one))
+        .await
+        .expect("more data in time")
+        .expect("peek");
+    assert_eq!(n, 1);
+    drop(s);
+    poll_until_async(Duration::from_secs(5), "upstream request cancelled", || {
+        (!up.state.cancelled.lock().expect("lock").is_empty()).then_some(())
+    })
+    .await;
     poll_until(Duration::from_secs(5), "access line", || {
         p.stderr_text()
             .contains("outcome=client_closed")
