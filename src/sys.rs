@@ -1,5 +1,5 @@
 //! The only module allowed to use `unsafe`: thin, checked wrappers over the system calls the
-//! proxy needs (read(2), shutdown(2), mmap/mlock/madvise, prctl, getrlimit/setrlimit, a signal's
+//! proxy needs (read(2), poll(2), shutdown(2), mmap/mlock/madvise, prctl, getrlimit/setrlimit, a signal's
 //! disposition, termios, the environment, files created, renamed and removed inside a
 //! directory held open).
 //!
@@ -42,6 +42,31 @@ pub fn shutdown_write(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
     // SAFETY: shutdown(2) takes no pointers; `fd` is borrowed, so the descriptor stays open
     // for the duration of the call.
     check(unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_WR) }).map(drop)
+}
+
+/// Waits until `fd` can be read without blocking (data, its end, or an error), at most
+/// `limit`. `Ok(false)`: the time ran out. A signal ending the wait early counts as ready;
+/// the caller's read then says what there is.
+pub fn wait_readable(
+    fd: std::os::fd::BorrowedFd<'_>,
+    limit: std::time::Duration,
+) -> io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // Rounded up, so a wait of less than a millisecond is not a wait of none.
+    let ms =
+        libc::c_int::try_from(limit.as_nanos().div_ceil(1_000_000)).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `pfd` is one valid, writable pollfd for the whole call and the count passed
+    // is 1; `fd` is borrowed, so the descriptor stays open for the duration of the call.
+    match check(unsafe { libc::poll(&mut pfd, 1, ms) }) {
+        Ok(n) => Ok(n > 0),
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(true),
+        Err(e) => Err(e),
+    }
 }
 
 /// The system's page size.

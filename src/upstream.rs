@@ -199,8 +199,7 @@ pub enum UpstreamFailure {
 /// own, and so must the directories on the way to it (`paths`). The bytes are read from
 /// the file that was judged.
 fn read_trusted(path: &Path) -> Result<Vec<u8>, String> {
-    use std::io::Read;
-    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
     let me = crate::paths::Me::now();
     let refuse = |c: crate::paths::Changeable| {
         format!(
@@ -226,10 +225,7 @@ fn read_trusted(path: &Path) -> Result<Vec<u8>, String> {
         }
         // A pipe the operator's shell made (`--upstream-ca <(…)`, `/dev/fd/63`) names no
         // file to resolve; its way was checked above and the pipe itself is judged below.
-        Err(_)
-            if std::fs::metadata(path)
-                .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_fifo(&m.file_type())) =>
-        {
+        Err(_) if std::fs::metadata(path).is_ok_and(|m| m.file_type().is_fifo()) => {
             path.to_path_buf()
         }
         Err(e) => {
@@ -238,26 +234,70 @@ fn read_trusted(path: &Path) -> Result<Vec<u8>, String> {
             ));
         }
     };
-    let file = std::fs::File::open(&real).map_err(|e| e.to_string())?;
+    // Opened without waiting: a named pipe no one writes to would otherwise hold the
+    // start-up for ever (a regular file is read the same either way).
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(&real)
+        .map_err(|e| e.to_string())?;
     let m = file.metadata().map_err(|e| e.to_string())?;
     let acl = crate::sys::fd_has_extended_acl(std::os::fd::AsFd::as_fd(&file))
         .map_err(|e| format!("reading its access ACL: {e}"))?;
     crate::paths::judge_file(&real, crate::paths::Facts::of(&m, acl), me).map_err(refuse)?;
-    let mut pem = Vec::new();
-    file.take(MAX_CA_FILE + 1)
-        .read_to_end(&mut pem)
-        .map_err(|e| e.to_string())?;
-    if pem.len() as u64 > MAX_CA_FILE {
-        return Err(format!(
-            "larger than {} MiB; give a file of PEM certificates (a system bundle is well under 1 MiB)",
-            MAX_CA_FILE >> 20
-        ));
-    }
-    Ok(pem)
+    read_bounded(&file, !m.file_type().is_file(), CA_PIPE_WAIT)
 }
 
 /// The most `--upstream-ca` may hold (a pipe or a device could go on for ever).
 const MAX_CA_FILE: u64 = 16 << 20;
+/// The longest a pipe given as `--upstream-ca` may take to deliver its certificates and end.
+const CA_PIPE_WAIT: Duration = Duration::from_secs(10);
+
+/// Reads `file` (opened non-blocking) to its end: at most `MAX_CA_FILE` bytes and, unless it
+/// is a regular file (`pipe`: a pipe, or anything else that can keep a reader waiting),
+/// within `wait` all told, since a pipe's writer may be late, slow, or missing.
+fn read_bounded(file: &std::fs::File, pipe: bool, wait: Duration) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let deadline = std::time::Instant::now() + wait;
+    let mut pem = Vec::new();
+    let mut chunk = [0u8; 16 << 10];
+    // Bounded: each round reads bytes (at most MAX_CA_FILE + 1 in all), reaches the end, or
+    // waits for the pipe, which ends at the deadline.
+    loop {
+        if pipe {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let ready = !left.is_zero()
+                && crate::sys::wait_readable(std::os::fd::AsFd::as_fd(file), left)
+                    .map_err(|e| e.to_string())?;
+            if !ready {
+                return Err(format!(
+                    "the pipe did not deliver its certificates and end within {wait:?} (no writer, or \
+                     one that did not finish); give a file of PEM certificates, or a pipe whose \
+                     writer writes them and closes it"
+                ));
+            }
+        }
+        match (&*file).read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => {
+                pem.extend_from_slice(&chunk[..n]);
+                if pem.len() as u64 > MAX_CA_FILE {
+                    return Err(format!(
+                        "larger than {} MiB; give a file of PEM certificates (a system bundle is well under 1 MiB)",
+                        MAX_CA_FILE >> 20
+                    ));
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock
+                ) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Ok(pem)
+}
 
 fn load_roots(ca: Option<&Path>) -> Result<RootCertStore, UpstreamSetupError> {
     let mut roots = RootCertStore::empty();
@@ -465,4 +505,61 @@ pub fn describe(err: &(dyn StdError + 'static)) -> String {
         source = e.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn reader(r: std::io::PipeReader) -> std::fs::File {
+        std::fs::File::from(std::os::fd::OwnedFd::from(r))
+    }
+
+    #[test]
+    fn a_pipe_is_read_to_its_end() {
+        let (r, mut w) = std::io::pipe().expect("pipe");
+        let writer = std::thread::spawn(move || {
+            w.write_all(b"-----BEGIN CERTIFICATE-----\n")
+                .expect("write");
+        });
+        let got = read_bounded(&reader(r), true, Duration::from_secs(10)).expect("read");
+        writer.join().expect("writer");
+        assert_eq!(got, b"-----BEGIN CERTIFICATE-----\n");
+    }
+
+    #[test]
+    fn a_pipe_that_does_not_end_in_time_is_refused_with_what_to_do() {
+        let (r, mut w) = std::io::pipe().expect("pipe");
+        // Some bytes, then a writer that neither writes more nor closes.
+        w.write_all(b"-----BEGIN").expect("write");
+        let started = std::time::Instant::now();
+        let err =
+            read_bounded(&reader(r), true, Duration::from_millis(200)).expect_err("timed out");
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        assert!(
+            err.contains("within 200ms") && err.contains("closes it"),
+            "{err}"
+        );
+        drop(w);
+    }
+
+    #[test]
+    fn a_regular_file_is_read_without_waiting_and_bounded() {
+        let dir = std::env::temp_dir().join(format!("rap-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("ca.pem");
+        std::fs::write(&path, b"pem").expect("write");
+        let file = std::fs::File::open(&path).expect("open");
+        // A zero wait: a regular file is never waited for.
+        assert_eq!(
+            read_bounded(&file, false, Duration::ZERO).expect("read"),
+            b"pem"
+        );
+        std::fs::write(&path, vec![b'x'; MAX_CA_FILE as usize + 1]).expect("write");
+        let file = std::fs::File::open(&path).expect("open");
+        let err = read_bounded(&file, false, Duration::ZERO).expect_err("too large");
+        assert!(err.contains("larger than 16 MiB"), "{err}");
+        std::fs::remove_dir_all(&dir).expect("clean up");
+    }
 }

@@ -204,6 +204,67 @@ fn a_ca_from_a_pipe_of_the_operator_is_read() {
     assert!(err.contains("larger than 16 MiB"), "{err}");
 }
 
+/// A named pipe as `--upstream-ca`: read when its writer comes after the proxy opened it,
+/// and refused after a bounded wait when no writer comes, instead of holding the start-up
+/// for ever (opening a pipe to read waits for a writer unless told not to).
+#[test]
+fn a_named_pipe_as_the_ca_is_waited_for_a_bounded_time() {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = tempfile::tempdir().expect("dir");
+    let fifo = dir.path().join("ca.pipe");
+    let made = std::process::Command::new("mkfifo")
+        .args(["-m", "600"])
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo");
+    assert!(made.success());
+    // Starts the proxy with the pipe as its CA; returns it and its stderr and stdout.
+    let start = || {
+        let mut cmd = std::process::Command::new(bin());
+        cmd.args(["--upstream-url", UP, "--upstream-ca"])
+            .arg(&fifo)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = spawn_with_key(&mut cmd, KEY);
+        let err = capture(child.stderr.take().expect("stderr"));
+        let out = capture(child.stdout.take().expect("stdout"));
+        (child, err, out)
+    };
+    let exit = |child: &mut Reaped, limit: Duration| {
+        poll_until(limit, "exit", || child.try_wait().expect("wait")).code()
+    };
+
+    // A writer that comes once the proxy is waiting: what it writes is read.
+    let (mut child, err, out) = start();
+    // Opening a pipe to write without waiting fails until it has a reader: the proxy.
+    let mut w = poll_until(Duration::from_secs(10), "the proxy opens the pipe", || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo)
+            .ok()
+    });
+    w.write_all(b"hello\n").expect("write");
+    drop(w);
+    assert_eq!(exit(&mut child, Duration::from_secs(10)), Some(2));
+    let text = String::from_utf8_lossy(&err.lock().expect("lock")).into_owned();
+    assert!(text.contains("no PEM certificate"), "{text}");
+    assert!(out.lock().expect("lock").is_empty());
+
+    // No writer at all: refused once the wait is over, saying what to give instead.
+    let started = std::time::Instant::now();
+    let (mut child, err, _out) = start();
+    assert_eq!(exit(&mut child, Duration::from_secs(30)), Some(2));
+    assert!(started.elapsed() >= Duration::from_secs(10));
+    let text = String::from_utf8_lossy(&err.lock().expect("lock")).into_owned();
+    assert!(
+        text.contains("did not deliver its certificates and end within 10s")
+            && text.contains("give a file of PEM certificates"),
+        "{text}"
+    );
+}
+
 #[test]
 fn bad_keys_exit_3_with_a_clear_message_and_no_key_bytes() {
     let long = "k".repeat(8193);
