@@ -306,9 +306,10 @@ impl Body for ClientBody {
         let mut guard = shared.lock();
         let st = &mut *guard;
         if st.generation != this.generation {
-            // The connection has moved on without this body: it was finished or abandoned.
+            // The connection has moved on without this body, which had not ended (a body
+            // that has is `ended` from its last bytes on): it was abandoned.
             this.ended = true;
-            return Poll::Ready((this.remaining != Some(0)).then(|| Err(Box::new(BadBody).into())));
+            return Poll::Ready(Some(Err(Box::new(BadBody))));
         }
         loop {
             let step = match &mut st.body {
@@ -346,6 +347,8 @@ impl Body for ClientBody {
                     *r = r.saturating_sub(take as u64);
                 }
                 let data = st.buf.split_to(take).freeze();
+                // The last bytes: the body has ended, whatever the connection does next.
+                this.ended = finished;
                 return Poll::Ready(Some(Ok(Frame::data(data))));
             }
             if finished {
@@ -370,7 +373,7 @@ impl Body for ClientBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.ended || self.remaining == Some(0)
+        self.ended
     }
 
     fn size_hint(&self) -> SizeHint {

@@ -149,14 +149,66 @@ async fn a_refused_request_whose_body_has_not_arrived_ends_the_connection() {
     s.write_all(head(&p, "wrong", "content-length: 100000\r\n\r\n{\"partial\":").as_bytes())
         .await
         .expect("write");
-    let (status, head, _) = read_response(&mut s, &mut buf).await;
+    let (status, answer, _) = read_response(&mut s, &mut buf).await;
     assert_eq!(status, 401);
-    assert!(head.contains("connection: close"), "{head}");
+    assert!(answer.contains("connection: close"), "{answer}");
     // The rest of the body is read and discarded while the proxy closes, not taken for a
     // request head.
     let _ = s.write_all(&[b'x'; 4096]).await;
     assert!(closes(&mut s).await, "closed after the answer");
+    // The same with a chunked body cut off after its first chunk: what is in hand is no
+    // proof of where the body ends.
+    let mut s = connect(&p).await;
+    let mut buf = Vec::new();
+    s.write_all(
+        head(
+            &p,
+            "wrong",
+            "transfer-encoding: chunked\r\n\r\n5\r\nhello\r\n",
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("write");
+    let (status, answer, _) = read_response(&mut s, &mut buf).await;
+    assert_eq!(status, 401);
+    assert!(answer.contains("connection: close"), "{answer}");
+    assert!(closes(&mut s).await, "closed after the answer");
     assert_eq!(up.count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_close_and_ambiguous_heads_end_the_connection() {
+    let up = MockUpstream::plain(|_| Reply::json(200, "{}")).await;
+    let p = start_proxy(&["--upstream-url", &up.url()]);
+    // Asked for: the answer says so, and the proxy closes after it.
+    let mut s = connect(&p).await;
+    let mut buf = Vec::new();
+    s.write_all(
+        head(
+            &p,
+            &p.token,
+            "connection: close\r\ncontent-length: 2\r\n\r\n{}",
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("write");
+    let (status, answer, _) = read_response(&mut s, &mut buf).await;
+    assert_eq!(status, 200);
+    assert!(answer.contains("connection: close"), "{answer}");
+    assert!(closes(&mut s).await, "closed after the answer");
+    // A head with bare line feeds is refused, and what follows it is never read as a
+    // request, however well its length is declared.
+    let mut s = connect(&p).await;
+    let mut buf = Vec::new();
+    let raw = head(&p, &p.token, "content-length: 2\r\n\r\n{}").replace("\r\n", "\n");
+    s.write_all(raw.as_bytes()).await.expect("write");
+    let (status, answer, _) = read_response(&mut s, &mut buf).await;
+    assert_eq!(status, 400);
+    assert!(answer.contains("connection: close"), "{answer}");
+    assert!(closes(&mut s).await, "closed after the answer");
+    assert_eq!(up.count(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -725,4 +777,279 @@ async fn a_client_that_resets_during_a_long_write_ends_its_connection() {
             .then_some(())
     });
     drop(never);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_response_of_known_length_arrives_whole_and_keeps_the_connection() {
+    // An upstream answer with a `Content-Length`, larger than any one read: the proxy
+    // passes it on in many pieces, all of them, under the same length, and the connection
+    // carries the next request.
+    let expected = pattern(3 << 20);
+    let steps: Vec<Step> = expected
+        .chunks(65_537)
+        .map(|c| Step::Data(Bytes::copy_from_slice(c)))
+        .collect();
+    let length = expected.len().to_string();
+    let up = MockUpstream::plain(move |_| Reply {
+        status: 200,
+        headers: vec![
+            ("content-type".into(), "application/octet-stream".into()),
+            ("content-length".into(), length.clone()),
+        ],
+        steps: steps.clone(),
+        head_delay: Duration::ZERO,
+        hang: false,
+    })
+    .await;
+    let p = start_proxy(&["--upstream-url", &up.url()]);
+    let mut s = connect(&p).await;
+    let mut buf = Vec::new();
+    for round in 0..2 {
+        s.write_all(head(&p, &p.token, "content-length: 2\r\n\r\n{}").as_bytes())
+            .await
+            .expect("write");
+        let (status, head, body) = read_response(&mut s, &mut buf).await;
+        assert_eq!(status, 200, "round {round}");
+        assert!(
+            head.contains(&format!("content-length: {}", expected.len())),
+            "{head}"
+        );
+        assert!(body == expected, "round {round}: the body differs");
+    }
+    assert_eq!(up.count(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_came_before_the_upstream_broke_off_is_passed_on() {
+    // The upstream sends an event and breaks off in the same breath: the event, already
+    // gathered for the client's next write, is written before the connection is closed
+    // (without the last chunk, so the client sees the stream cut).
+    let (addr, _task) = raw_upstream(|mut s| async move {
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !got.ends_with(b"\r\n\r\n{}") {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let answer = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+            transfer-encoding: chunked\r\n\r\nc\r\ndata: last\n\n\r\n";
+        let _ = s.write_all(answer).await;
+        // Dropped: the stream ends before its last chunk.
+    })
+    .await;
+    let url = format!("http://127.0.0.1:{}/v1/responses", addr.port());
+    let p = start_proxy(&["--upstream-url", &url]);
+    let mut s = connect(&p).await;
+    s.write_all(head(&p, &p.token, "content-length: 2\r\n\r\n{}").as_bytes())
+        .await
+        .expect("write");
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got))
+        .await
+        .expect("closed in time")
+        .expect("read to the end");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("data: last\n\n"), "{text}");
+    assert!(!text.ends_with("0\r\n\r\n"), "{text}");
+    poll_until(Duration::from_secs(5), "access line", || {
+        p.stderr_text()
+            .contains("outcome=upstream_broke")
+            .then_some(())
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_after_its_body_while_the_upstream_thinks_is_noticed() {
+    // While the request body is being read for the upstream the connection's watch for
+    // the client leaving stands aside; once the body has ended it must take the watch up
+    // again, or a client leaving before the answer's head goes unnoticed until the upstream
+    // answers. Over HTTP/2 the body is read by another task than the connection's, which
+    // must then be woken.
+    for http2 in [false, true] {
+        let slow = |_: &Recorded| Reply {
+            head_delay: Duration::from_secs(30),
+            ..Reply::json(200, "{}")
+        };
+        let up = if http2 {
+            MockUpstream::tls(slow).await
+        } else {
+            MockUpstream::plain(slow).await
+        };
+        let dir = tempfile::tempdir().expect("dir");
+        let mut args = vec!["--upstream-url".to_string(), up.url()];
+        if let Some(ca) = &up.ca_pem {
+            let ca = write_file(dir.path(), "ca.pem", ca);
+            args.extend(["--upstream-ca".into(), ca.to_string_lossy().into_owned()]);
+            args.push("--upstream-http2".into());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let p = start_proxy(&args);
+        let mut s = connect(&p).await;
+        s.write_all(
+            head(
+                &p,
+                &p.token,
+                "content-length: 10\r\nexpect: 100-continue\r\n\r\n",
+            )
+            .as_bytes(),
+        )
+        .await
+        .expect("write");
+        // `100 Continue` comes when the upstream side first asks for the body: it is being
+        // read now, and the connection's watch stands aside.
+        let mut got = Vec::new();
+        while !got.ends_with(b"\r\n\r\n") {
+            fill(&mut s, &mut got).await;
+        }
+        assert!(got.starts_with(b"HTTP/1.1 100 Continue"), "{got:?}");
+        s.write_all(b"0123456789").await.expect("write");
+        poll_until_async(Duration::from_secs(5), "the whole body upstream", || {
+            (up.count() == 1).then_some(())
+        })
+        .await;
+        drop(s);
+        poll_until(Duration::from_secs(5), "access line", || {
+            p.stderr_text()
+                .contains("outcome=client_closed")
+                .then_some(())
+        });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_that_have_no_body_are_passed_on_without_framing() {
+    // 204 and 304 from the upstream have no body: neither a length nor chunking is written
+    // for them (RFC 9110 forbids both), and the connection carries the next request.
+    let up = MockUpstream::plain(|r| {
+        let status = match &r.body[..] {
+            b"204" => 204,
+            b"304" => 304,
+            _ => 200,
+        };
+        Reply {
+            steps: Vec::new(),
+            ..Reply::json(status, "")
+        }
+    })
+    .await;
+    let p = start_proxy(&["--upstream-url", &up.url()]);
+    let mut s = connect(&p).await;
+    let mut buf = Vec::new();
+    for status in [204u16, 304] {
+        let body = status.to_string();
+        s.write_all(head(&p, &p.token, &format!("content-length: 3\r\n\r\n{body}")).as_bytes())
+            .await
+            .expect("write");
+        let end = loop {
+            if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break at + 4;
+            }
+            tokio::time::timeout(Duration::from_secs(5), fill(&mut s, &mut buf))
+                .await
+                .expect("an answer in time");
+        };
+        let answer = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+        buf.drain(..end);
+        assert!(
+            answer.starts_with(&format!("http/1.1 {status}")),
+            "{answer}"
+        );
+        assert!(
+            !answer.contains("content-length") && !answer.contains("transfer-encoding"),
+            "{answer}"
+        );
+        assert!(!answer.contains("connection: close"), "{answer}");
+    }
+    s.write_all(head(&p, &p.token, "content-length: 2\r\n\r\n{}").as_bytes())
+        .await
+        .expect("write");
+    let (status, _, _) = read_response(&mut s, &mut buf).await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_pipelined_after_a_large_body_is_answered() {
+    // A large body makes the connection read in large pieces; going back to small ones
+    // before the next head must keep what has already been read of it.
+    let up =
+        MockUpstream::plain(|r| Reply::json(200, &format!("{{\"n\":{}}}", r.body.len()))).await;
+    let p = start_proxy(&["--upstream-url", &up.url()]);
+    let mut s = connect(&p).await;
+    let large = format!("\"{}\"", "x".repeat(1 << 20));
+    let mut both = head(
+        &p,
+        &p.token,
+        &format!("content-length: {}\r\n\r\n", large.len()),
+    );
+    both.push_str(&large);
+    both.push_str(&head(&p, &p.token, "content-length: 2\r\n\r\n{}"));
+    s.write_all(both.as_bytes()).await.expect("write");
+    let mut buf = Vec::new();
+    let (status, _, body) = read_response(&mut s, &mut buf).await;
+    assert_eq!(status, 200);
+    assert_eq!(body, format!("{{\"n\":{}}}", large.len()).as_bytes());
+    let (status, _, body) = read_response(&mut s, &mut buf).await;
+    assert_eq!(status, 200);
+    assert_eq!(body, b"{\"n\":2}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_client_still_sending_its_body_sees_an_orderly_close() {
+    // The proxy refuses at the head while the body is still on its way. A socket closed
+    // with bytes still coming answers them with a reset, and a client that sends its whole
+    // body before it reads (as most do) then fails on a write and never reads the answer;
+    // so the proxy ends its side and reads and discards what still comes (for a second,
+    // up to 1 MiB), and the client's writes go through and it reads a clean end.
+    let up = MockUpstream::plain(|_| Reply::json(200, "{}")).await;
+    let p = start_proxy(&["--upstream-url", &up.url()]);
+    let mut s = connect(&p).await;
+    s.write_all(head(&p, "wrong", "content-length: 1000000\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut buf = Vec::new();
+    let (status, _, _) = read_response(&mut s, &mut buf).await;
+    assert_eq!(status, 401);
+    // The proxy has answered and ended its side; the client goes on sending.
+    for i in 0..16 {
+        let sent = tokio::time::timeout(Duration::from_secs(5), s.write_all(&[b'x'; 4096]))
+            .await
+            .expect("written in time");
+        assert!(sent.is_ok(), "write {i} after the answer failed: {sent:?}");
+    }
+    let mut rest = Vec::new();
+    let end = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+        .await
+        .expect("closed in time");
+    assert!(end.is_ok(), "a reset instead of a clean end: {end:?}");
+    assert!(
+        rest.is_empty() && buf.is_empty(),
+        "nothing after the answer"
+    );
+    // What is discarded is bounded: a client that goes on sending is cut off after 1 MiB
+    // (a reset then), long before 32 MiB, whatever the socket buffers hold.
+    let mut s = connect(&p).await;
+    s.write_all(head(&p, "wrong", "content-length: 100000000\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut buf = Vec::new();
+    let (status, _, _) = read_response(&mut s, &mut buf).await;
+    assert_eq!(status, 401);
+    let chunk = vec![b'x'; 64 << 10];
+    let mut written = 0usize;
+    let cut = tokio::time::timeout(Duration::from_secs(10), async {
+        while written < 32 << 20 {
+            if s.write_all(&chunk).await.is_err() {
+                return true;
+            }
+            written += chunk.len();
+        }
+        false
+    })
+    .await
+    .expect("written or cut off in time");
+    assert!(cut, "all of {written} bytes taken after the answer");
+    assert_eq!(up.count(), 0);
 }
