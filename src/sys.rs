@@ -1,7 +1,7 @@
 //! The only module allowed to use `unsafe`: thin, checked wrappers over the system calls the
-//! proxy needs (read(2), poll(2), shutdown(2), mmap/mlock/madvise, prctl, getrlimit/setrlimit, a signal's
-//! disposition, termios, the environment, files created, renamed and removed inside a
-//! directory held open).
+//! proxy needs (read(2), poll(2), shutdown(2), mmap/mlock/madvise, prctl,
+//! getrlimit/setrlimit, a signal's disposition, termios, the environment, files created,
+//! renamed and removed inside a directory held open).
 //!
 //! Each function has a safe signature, turns `-1` into `io::Error`, and carries a `SAFETY:`
 //! argument on every block. Policy (what to call, when, and what a failure means) lives in

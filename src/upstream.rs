@@ -546,9 +546,8 @@ mod tests {
 
     #[test]
     fn a_regular_file_is_read_without_waiting_and_bounded() {
-        let dir = std::env::temp_dir().join(format!("rap-ca-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let path = dir.join("ca.pem");
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("ca.pem");
         std::fs::write(&path, b"pem").expect("write");
         let file = std::fs::File::open(&path).expect("open");
         // A zero wait: a regular file is never waited for.
@@ -560,6 +559,5 @@ mod tests {
         let file = std::fs::File::open(&path).expect("open");
         let err = read_bounded(&file, false, Duration::ZERO).expect_err("too large");
         assert!(err.contains("larger than 16 MiB"), "{err}");
-        std::fs::remove_dir_all(&dir).expect("clean up");
     }
 }

@@ -103,6 +103,18 @@ async fn connect(p: &ProxyProc) -> TcpStream {
         .expect("connect")
 }
 
+/// Sends `raw` on a new connection: the answer must have `status` and say
+/// `connection: close`, and the proxy must close the connection after it.
+async fn answered_then_closed(p: &ProxyProc, raw: &str, status: u16) {
+    let mut s = connect(p).await;
+    let mut buf = Vec::new();
+    s.write_all(raw.as_bytes()).await.expect("write");
+    let (got, answer, _) = read_response(&mut s, &mut buf).await;
+    assert_eq!(got, status, "{answer}");
+    assert!(answer.contains("connection: close"), "{answer}");
+    assert!(closes(&mut s).await, "closed after the answer");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_request_whose_body_is_in_hand_keeps_the_connection() {
     let up =
@@ -158,22 +170,12 @@ async fn a_refused_request_whose_body_has_not_arrived_ends_the_connection() {
     assert!(closes(&mut s).await, "closed after the answer");
     // The same with a chunked body cut off after its first chunk: what is in hand is no
     // proof of where the body ends.
-    let mut s = connect(&p).await;
-    let mut buf = Vec::new();
-    s.write_all(
-        head(
-            &p,
-            "wrong",
-            "transfer-encoding: chunked\r\n\r\n5\r\nhello\r\n",
-        )
-        .as_bytes(),
-    )
-    .await
-    .expect("write");
-    let (status, answer, _) = read_response(&mut s, &mut buf).await;
-    assert_eq!(status, 401);
-    assert!(answer.contains("connection: close"), "{answer}");
-    assert!(closes(&mut s).await, "closed after the answer");
+    let cut = head(
+        &p,
+        "wrong",
+        "transfer-encoding: chunked\r\n\r\n5\r\nhello\r\n",
+    );
+    answered_then_closed(&p, &cut, 401).await;
     assert_eq!(up.count(), 0);
 }
 
@@ -182,32 +184,16 @@ async fn connection_close_and_ambiguous_heads_end_the_connection() {
     let up = MockUpstream::plain(|_| Reply::json(200, "{}")).await;
     let p = start_proxy(&["--upstream-url", &up.url()]);
     // Asked for: the answer says so, and the proxy closes after it.
-    let mut s = connect(&p).await;
-    let mut buf = Vec::new();
-    s.write_all(
-        head(
-            &p,
-            &p.token,
-            "connection: close\r\ncontent-length: 2\r\n\r\n{}",
-        )
-        .as_bytes(),
-    )
-    .await
-    .expect("write");
-    let (status, answer, _) = read_response(&mut s, &mut buf).await;
-    assert_eq!(status, 200);
-    assert!(answer.contains("connection: close"), "{answer}");
-    assert!(closes(&mut s).await, "closed after the answer");
+    let asked = head(
+        &p,
+        &p.token,
+        "connection: close\r\ncontent-length: 2\r\n\r\n{}",
+    );
+    answered_then_closed(&p, &asked, 200).await;
     // A head with bare line feeds is refused, and what follows it is never read as a
     // request, however well its length is declared.
-    let mut s = connect(&p).await;
-    let mut buf = Vec::new();
-    let raw = head(&p, &p.token, "content-length: 2\r\n\r\n{}").replace("\r\n", "\n");
-    s.write_all(raw.as_bytes()).await.expect("write");
-    let (status, answer, _) = read_response(&mut s, &mut buf).await;
-    assert_eq!(status, 400);
-    assert!(answer.contains("connection: close"), "{answer}");
-    assert!(closes(&mut s).await, "closed after the answer");
+    let bare = head(&p, &p.token, "content-length: 2\r\n\r\n{}").replace("\r\n", "\n");
+    answered_then_closed(&p, &bare, 400).await;
     assert_eq!(up.count(), 1);
 }
 
