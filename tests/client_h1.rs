@@ -669,16 +669,21 @@ fn pattern(len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// `bytes` as an upstream's script: data steps of `size` bytes (the last one shorter).
+fn steps_of(bytes: &[u8], size: usize) -> Vec<Step> {
+    bytes
+        .chunks(size)
+        .map(|c| Step::Data(Bytes::copy_from_slice(c)))
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_response_to_a_client_that_pauses_arrives_byte_for_byte() {
     // A response many times larger than the socket buffers, read in bursts with pauses in
     // between: the buffers fill again and again, so the proxy's writes are taken in part
     // and must resume exactly where the socket stopped them.
     let expected = pattern(12 << 20);
-    let steps: Vec<Step> = expected
-        .chunks(100_003)
-        .map(|c| Step::Data(Bytes::copy_from_slice(c)))
-        .collect();
+    let steps = steps_of(&expected, 100_003);
     let up = MockUpstream::plain(move |_| Reply::sse(steps.clone())).await;
     let p = start_proxy(&["--upstream-url", &up.url()]);
     let mut s = connect(&p).await;
@@ -771,10 +776,7 @@ async fn a_large_response_of_known_length_arrives_whole_and_keeps_the_connection
     // passes it on in many pieces, all of them, under the same length, and the connection
     // carries the next request.
     let expected = pattern(3 << 20);
-    let steps: Vec<Step> = expected
-        .chunks(65_537)
-        .map(|c| Step::Data(Bytes::copy_from_slice(c)))
-        .collect();
+    let steps = steps_of(&expected, 65_537);
     let length = expected.len().to_string();
     let up = MockUpstream::plain(move |_| Reply {
         status: 200,
