@@ -962,6 +962,7 @@ fn main() {
         None if sse_only => rt.block_on(sse_only_run()),
         None if std::env::args().any(|a| a == "--rss-only") => rt.block_on(rss_only_run()),
         None if std::env::args().any(|a| a == "--load-only") => rt.block_on(load_only_run()),
+        None if std::env::args().any(|a| a == "--body-only") => rt.block_on(body_only_run()),
         None => rt.block_on(run(quick, &out_path)),
     }
 }
@@ -1207,6 +1208,70 @@ async fn load_only_run() {
             })
             .collect();
         println!("c={c}: {}", row.join(", "));
+    }
+    println!("failures {}", fails.0.load(Ordering::Relaxed));
+}
+
+/// `--body-only`: the 8 MiB request-body row alone (plain upstream, or HTTPS with
+/// `BENCH_HTTPS=1`; direct, proxy, nginx when installed and `BENCH_PROXY_B`), interleaved,
+/// `BENCH_BODY_ROUNDS` rounds (21 by default) on a new connection each, then the same on
+/// one reused connection: medians, quartiles and the added time, for looking into the
+/// large-body path.
+async fn body_only_run() {
+    let up = start_upstream().await;
+    let fails = Arc::new(Failures::default());
+    let https = over_https();
+    let (_p, proxy, _) = start_proxy_to(&up, https);
+    let (nginx, direct) = if https {
+        (
+            start_nginx(up.tls_addr, Some(&up.ca_pem)),
+            direct_tls_target(&up),
+        )
+    } else {
+        (start_nginx(up.addr, None), direct_target(&up))
+    };
+    let mut set = vec![direct, proxy];
+    if let Some((_, t)) = &nginx {
+        set.push(t.clone());
+    }
+    let builds = start_others(&up, https);
+    set.extend(builds.iter().map(|(_, t)| t.clone()));
+    let rounds: usize = std::env::var("BENCH_BODY_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|r| (1..=1000).contains(r))
+        .unwrap_or(21);
+    let big = Bytes::from(vec![b'a'; 8 << 20]);
+    for reused in [false, true] {
+        let mut senders = Vec::new();
+        for t in &set {
+            senders.push(connect(t).await);
+        }
+        let mut ms: Vec<Vec<f64>> = vec![Vec::new(); set.len()];
+        for _ in 0..rounds {
+            for (i, t) in set.iter().enumerate() {
+                if !reused {
+                    senders[i] = connect(t).await;
+                }
+                let d = one(&mut senders[i], t, "small", big.clone(), &fails).await;
+                ms[i].push(us(d) / 1e3);
+            }
+        }
+        let base = median(ms[0].clone());
+        let conn = if reused { "reused" } else { "new" };
+        for (t, v) in set.iter().zip(ms) {
+            let mut sorted = v.clone();
+            sorted.sort_by(f64::total_cmp);
+            let q = |f: f64| sorted[((sorted.len() - 1) as f64 * f).round() as usize];
+            let m = median(v);
+            println!(
+                "{:>7} ({conn:>6} connection): 8 MiB body, median of {rounds} {m:.2} ms (+{:.2}), quartiles {:.2} / {:.2} ms",
+                t.name,
+                m - base,
+                q(0.25),
+                q(0.75)
+            );
+        }
     }
     println!("failures {}", fails.0.load(Ordering::Relaxed));
 }
