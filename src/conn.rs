@@ -181,6 +181,18 @@ struct ReadState {
     watcher: Option<Waker>,
 }
 
+impl ReadState {
+    /// The next request's body is `body`: returns the generation its body object belongs to.
+    /// A body object of an earlier request (an HTTP/2 client may keep one after the answer)
+    /// then neither reads this one's bytes nor speaks for it when dropped.
+    fn begin(&mut self, body: BodyRead) -> u64 {
+        self.body = body;
+        self.generation += 1;
+        self.body_alive = true;
+        self.generation
+    }
+}
+
 struct Shared {
     write: OwnedWriteHalf,
     /// Longest a write waits for the client to make room (`--body-read-timeout`).
@@ -504,7 +516,7 @@ pub async fn serve(stream: TcpStream, ctx: Arc<ConnContext>, drain: watch::Recei
         let mut keep_alive = h1::request_keeps_alive(&head) && !ambiguous;
         let http11 = head.version == Version::HTTP_11;
         let is_head = head.method == Method::HEAD;
-        let (remaining, generation) = {
+        let body = {
             let mut st = shared.lock();
             let (body, remaining) = match framing {
                 RequestFraming::Empty => (BodyRead::Done, Some(0)),
@@ -513,16 +525,13 @@ pub async fn serve(stream: TcpStream, ctx: Arc<ConnContext>, drain: watch::Recei
                 RequestFraming::Chunked => (BodyRead::Chunked(Chunked::default()), None),
             };
             st.send_continue = remaining != Some(0) && h1::expects_continue(&head);
-            st.body = body;
-            st.generation += 1;
-            st.body_alive = true;
-            (remaining, st.generation)
-        };
-        let body = ClientBody {
-            shared: Arc::clone(&shared),
-            generation,
-            remaining,
-            ended: remaining == Some(0),
+            let generation = st.begin(body);
+            ClientBody {
+                shared: Arc::clone(&shared),
+                generation,
+                remaining,
+                ended: remaining == Some(0),
+            }
         };
         // Pinned where it is made: handing the (large) future to `select!` by value would
         // copy it once more per request.
@@ -946,6 +955,81 @@ mod tests {
             assert!(Instant::now() >= soon);
             // A deadline already past is ready at once.
             assert!(ready_now(&mut timer, t0));
+        });
+    }
+
+    /// The next frame of `body`.
+    async fn frame(body: &mut ClientBody) -> Option<Result<Frame<Bytes>, BoxError>> {
+        std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await
+    }
+
+    #[test]
+    fn a_body_of_an_earlier_request_neither_reads_nor_speaks_for_the_next_one() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let mut client = TcpStream::connect(listener.local_addr().expect("address"))
+                .await
+                .expect("connect");
+            let (server, _) = listener.accept().await.expect("accept");
+            let (read, write) = server.into_split();
+            let shared = Arc::new(Shared {
+                write,
+                write_stall: Duration::from_secs(5),
+                state: Mutex::new(ReadState {
+                    read,
+                    buf: BytesMut::new(),
+                    size: ReadSize(ReadSize::FIRST),
+                    body: BodyRead::Done,
+                    send_continue: false,
+                    generation: 0,
+                    body_alive: false,
+                    watcher: None,
+                }),
+            });
+            let body_of = |generation, n| ClientBody {
+                shared: Arc::clone(&shared),
+                generation,
+                remaining: Some(n),
+                ended: false,
+            };
+            // A first request's body, never read; the connection moves on to a second
+            // request, whose body is on the wire.
+            let first = shared.lock().begin(BodyRead::Length(3));
+            let mut early = body_of(first, 3);
+            let second = shared.lock().begin(BodyRead::Length(5));
+            assert_ne!(first, second);
+            tokio::io::AsyncWriteExt::write_all(&mut client, b"abcde")
+                .await
+                .expect("write");
+            let got = tokio::time::timeout(Duration::from_secs(5), frame(&mut early))
+                .await
+                .expect("answered at once");
+            assert!(
+                matches!(got, Some(Err(_))),
+                "the earlier body must fail, not read the next request's bytes: {:?}",
+                got.map(|r| r.map(|f| f.into_data().ok()))
+            );
+            // Dropped late, it must not mark the current body as abandoned.
+            drop(early);
+            assert!(shared.lock().body_alive, "the current body is still wanted");
+            let mut current = body_of(second, 5);
+            let mut read: Vec<u8> = Vec::new();
+            while read.len() < 5 {
+                let got = tokio::time::timeout(Duration::from_secs(5), frame(&mut current))
+                    .await
+                    .expect("bytes in time");
+                let Some(Ok(f)) = got else {
+                    panic!("the current body failed after {read:?}")
+                };
+                read.extend_from_slice(&f.into_data().expect("data"));
+            }
+            assert_eq!(read, b"abcde");
         });
     }
 }

@@ -2,7 +2,8 @@
 //! bodies that never arrive, malformed and oversized heads, `HEAD`, trickled heads,
 //! `100 Continue` only when the body is wanted, HTTP/1.0 streams, pipelined chunked
 //! requests, a large response written in parts to a client that pauses, a client that
-//! resets mid-write. Each test reads the proxy's answers off a raw socket.
+//! resets mid-write, a head still arriving when shutdown begins. Each test reads the
+//! proxy's answers off a raw socket.
 
 mod common;
 
@@ -1045,4 +1046,75 @@ async fn a_refused_client_still_sending_its_body_sees_an_orderly_close() {
     .expect("written or cut off in time");
     assert!(cut, "all of {written} bytes taken after the answer");
     assert_eq!(up.count(), 0);
+}
+
+/// Bytes the kernel holds for the proxy, not yet read by it, on the proxy's side of the
+/// client connection from local port `client` (`/proc/net/tcp`'s receive queue); `None`
+/// when there is no such socket.
+fn unread_by_proxy(proxy: u16, client: u16) -> Option<u64> {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("read /proc/net/tcp");
+    let port = |addr: &str| {
+        addr.rsplit(':')
+            .next()
+            .and_then(|p| u16::from_str_radix(p, 16).ok())
+    };
+    table.lines().skip(1).find_map(|line| {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        let (local, remote, queues) = (cols.get(1)?, cols.get(2)?, cols.get(4)?);
+        if port(local)? != proxy || port(remote)? != client {
+            return None;
+        }
+        u64::from_str_radix(queues.split(':').nth(1)?, 16).ok()
+    })
+}
+
+/// Writes `bytes` on `s` and waits until the proxy has read them.
+async fn sent_and_read(p: &ProxyProc, s: &mut TcpStream, bytes: &[u8]) {
+    s.write_all(bytes).await.expect("write");
+    let client = s.local_addr().expect("local address").port();
+    poll_until_async(Duration::from_secs(5), "the proxy read the bytes", || {
+        (unread_by_proxy(p.port, client) == Some(0)).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_still_arriving_when_shutdown_begins_is_answered_then_closed() {
+    // Draining closes idle connections, not one whose request has begun: its head is read
+    // to the end and answered, saying `connection: close`, and the connection then ends.
+    let up = MockUpstream::plain(|_| Reply::json(200, r#"{"late":1}"#)).await;
+    // One worker, so that the idle connection's close shows this connection's worker has
+    // begun draining.
+    let mut p = start_proxy(&[
+        "--upstream-url",
+        &up.url(),
+        "--worker-threads",
+        "1",
+        "--shutdown-grace",
+        "20s",
+    ]);
+    let raw = head(&p, &p.token, "content-length: 2\r\n\r\n{}");
+    let (first, rest) = raw.as_bytes().split_at(24);
+    let (second, third) = rest.split_at(24);
+    let mut s = connect(&p).await;
+    // Accepted in order: once the second connection has been answered, both are.
+    let mut idle = connect(&p).await;
+    let mut idle_buf = Vec::new();
+    idle.write_all(head(&p, &p.token, "content-length: 2\r\n\r\n{}").as_bytes())
+        .await
+        .expect("write");
+    assert_eq!(read_response(&mut idle, &mut idle_buf).await.0, 200);
+    sent_and_read(&p, &mut s, first).await;
+    p.signal("TERM");
+    assert!(closes(&mut idle).await, "the idle connection closed");
+    // Read while draining, the head still incomplete: it must go on being read.
+    sent_and_read(&p, &mut s, second).await;
+    s.write_all(third).await.expect("write");
+    let mut buf = Vec::new();
+    let (status, answer, body) = read_response(&mut s, &mut buf).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(body, br#"{"late":1}"#);
+    assert!(answer.contains("connection: close"), "{answer}");
+    assert!(closes(&mut s).await, "closed after the answer");
+    assert_eq!(p.wait_exit(Duration::from_secs(5)).code(), Some(0));
 }
