@@ -84,6 +84,10 @@ pub enum H1Failure {
     /// The upstream closed the connection before a complete response head.
     #[error("the upstream closed the connection before responding")]
     Closed,
+    /// The upstream closed the connection before the end its framing declared (a
+    /// `Content-Length` not reached, a chunked body without its last chunk).
+    #[error("the upstream closed the connection before the end of the response body")]
+    ClosedMidBody,
     /// The upstream's bytes are not acceptable HTTP/1.1.
     #[error(transparent)]
     Protocol(#[from] H1Error),
@@ -787,7 +791,7 @@ impl Body for H1Body {
                     this.stream = None;
                     return Poll::Ready(None);
                 }
-                Ok(0) => return this.fail(H1Failure::Closed),
+                Ok(0) => return this.fail(H1Failure::ClosedMidBody),
                 Ok(_) => {}
                 Err(e) => return this.fail(H1Failure::Io(e)),
             }

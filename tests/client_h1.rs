@@ -1049,23 +1049,12 @@ async fn a_refused_client_still_sending_its_body_sees_an_orderly_close() {
 }
 
 /// Bytes the kernel holds for the proxy, not yet read by it, on the proxy's side of the
-/// client connection from local port `client` (`/proc/net/tcp`'s receive queue); `None`
-/// when there is no such socket.
+/// client connection from local port `client`; `None` when there is no such socket.
 fn unread_by_proxy(proxy: u16, client: u16) -> Option<u64> {
-    let table = std::fs::read_to_string("/proc/net/tcp").expect("read /proc/net/tcp");
-    let port = |addr: &str| {
-        addr.rsplit(':')
-            .next()
-            .and_then(|p| u16::from_str_radix(p, 16).ok())
-    };
-    table.lines().skip(1).find_map(|line| {
-        let cols: Vec<&str> = line.split_whitespace().collect();
-        let (local, remote, queues) = (cols.get(1)?, cols.get(2)?, cols.get(4)?);
-        if port(local)? != proxy || port(remote)? != client {
-            return None;
-        }
-        u64::from_str_radix(queues.split(':').nth(1)?, 16).ok()
-    })
+    tcp_sockets()
+        .into_iter()
+        .find(|r| r.local_port == proxy && r.remote_port == client)
+        .map(|r| r.unread)
 }
 
 /// Writes `bytes` on `s` and waits until the proxy has read them.

@@ -164,29 +164,40 @@ async fn every_response_framing_is_relayed_exactly_over(tls: bool) {
         b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\nok",
         b"HTTP/1.1 204 No Content\r\n\r\n",
         b"HTTP/1.1 429 Too Many Requests\r\ncontent-length: 4\r\nretry-after: 1\r\n\r\nslow",
+        b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
         b"HTTP/1.0 200 OK\r\ncontent-length: 3\r\n\r\nold",
     ],
     )
     .await;
     let p = start_proxy(&up.up.args(&["--worker-threads", "1"]));
-    let want: [(u16, &[u8]); 6] = [
-        (200, b"{\"a\":1}"),
-        (200, b"hello world"),
-        (201, b"ok"),
-        (204, b""),
-        (429, b"slow"),
-        (200, b"old"),
+    // Status, body, and the framing the client is given: its `content-length`, or none
+    // (chunked, or no body by the status).
+    let want: [(u16, &[u8], Option<&str>); 7] = [
+        (200, b"{\"a\":1}", Some("7")),
+        (200, b"hello world", None),
+        (201, b"ok", Some("2")),
+        (204, b"", None),
+        (429, b"slow", Some("4")),
+        (200, b"", Some("0")),
+        (200, b"old", Some("3")),
     ];
-    for (status, body) in want {
+    for (status, body, length) in want {
         let (s, headers, b) = exchange(p.port, p.responses_request("{}")).await;
         assert_eq!((s.as_u16(), b.as_slice()), (status, body), "tls {tls}");
-        assert!(
-            headers
-                .get("transfer-encoding")
-                .is_none_or(|v| v == "chunked")
+        let te = headers.get("transfer-encoding");
+        let cl = headers
+            .get("content-length")
+            .map(|v| v.to_str().expect("ascii"));
+        assert_eq!(cl, length, "tls {tls}: {status} {headers:?}");
+        let chunked = length.is_none() && status != 204;
+        assert_eq!(
+            te.is_some_and(|v| v == "chunked"),
+            chunked,
+            "tls {tls}: {headers:?}"
         );
+        assert!(te.is_none() || chunked, "tls {tls}: {headers:?}");
     }
-    // Keep-alive: one connection for the first five; the HTTP/1.0 answer is the last on it.
+    // Keep-alive: one connection for the first six; the HTTP/1.0 answer is the last on it.
     assert_eq!(up.connections.load(Ordering::SeqCst), 1, "tls {tls}");
     let reqs = up.requests.lock().expect("lock").clone();
     let first = String::from_utf8_lossy(&reqs[0]);
@@ -313,6 +324,75 @@ async fn ambiguous_or_unsupported_upstream_framing_is_502() {
         assert_eq!(status, 502, "{}", String::from_utf8_lossy(answer));
         assert_eq!(error_code(&body), "upstream_unavailable");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_interim_answers_before_the_final_one_are_skipped() {
+    // The bound on interim (1xx) answers is 16: that many are skipped (the 17th is refused,
+    // above).
+    let answer = format!(
+        "{}HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+        "HTTP/1.1 100 Continue\r\n\r\n".repeat(16)
+    );
+    let answer: &'static [u8] = Box::leak(answer.into_bytes().into_boxed_slice());
+    let up = scripted(false, vec![answer]).await;
+    let p = start_proxy(&up.up.args(&[]));
+    expect_ok(&p, "{}", "16 interim answers").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_cut_by_the_upstreams_close_is_not_a_clean_end() {
+    for tls in [false, true] {
+        for (framing, part) in [
+            ("transfer-encoding: chunked", "5\r\nhello\r\n"),
+            ("content-length: 10", "hello"),
+        ] {
+            a_body_cut_by_the_upstreams_close_is_not_a_clean_end_with(tls, framing, part).await;
+        }
+    }
+}
+
+async fn a_body_cut_by_the_upstreams_close_is_not_a_clean_end_with(
+    tls: bool,
+    framing: &'static str,
+    part: &'static str,
+) {
+    // The upstream closes properly (over TLS, with close_notify) but short of the end its
+    // framing declared: the client must not be given a complete answer.
+    let up = Raw::start(tls, move |mut s| async move {
+        let mut pending = Vec::new();
+        if read_request(&mut s, &mut pending).await.is_some() {
+            let answer = format!("HTTP/1.1 200 OK\r\n{framing}\r\n\r\n{part}");
+            let _ = s.write_all(answer.as_bytes()).await;
+            let _ = s.flush().await;
+            let _ = s.shutdown().await;
+        }
+    })
+    .await;
+    let p = start_proxy(&up.args(&[]));
+    let resp = send(p.port, p.responses_request("{}")).await;
+    assert_eq!(resp.status(), 200, "tls {tls}, {framing}");
+    let collected = tokio::time::timeout(
+        Duration::from_secs(10),
+        http_body_util::BodyExt::collect(resp.into_body()),
+    )
+    .await
+    .expect("in time");
+    assert!(
+        collected.is_err(),
+        "tls {tls}, {framing}: a clean end of a cut body: {:?}",
+        collected.map(|c| c.to_bytes())
+    );
+    let log = poll_until(Duration::from_secs(5), "the reason logged", || {
+        let t = p.stderr_text();
+        t.contains("outcome=upstream_broke").then_some(t)
+    });
+    assert!(
+        log.contains(
+            "reason=\"the upstream closed the connection before the end of the response body\""
+        ),
+        "tls {tls}, {framing}: {log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -526,6 +606,73 @@ async fn idle_connections_close_and_stale_ones_are_not_reused_over(tls: bool) {
     assert_eq!(count.load(Ordering::SeqCst), 3, "tls {tls}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_the_upstream_closes_while_idle_is_not_reused() {
+    for tls in [false, true] {
+        a_pooled_connection_the_upstream_closes_while_idle_is_not_reused_over(tls).await;
+    }
+}
+
+async fn a_pooled_connection_the_upstream_closes_while_idle_is_not_reused_over(tls: bool) {
+    // The upstream closes its first connection (over TLS with a close_notify) only once
+    // the proxy has put it back in its pool, and the close has reached the proxy's socket
+    // before the next request: the proxy must see it at checkout (the socket has news that
+    // rustls has not read yet) and open a new connection instead of sending into a closed
+    // one, which would fail the request (it is not retried).
+    let close_now = Arc::new(tokio::sync::Notify::new());
+    let count = Arc::new(AtomicUsize::new(0));
+    let (cn, cc) = (Arc::clone(&close_now), Arc::clone(&count));
+    let up = Raw::start(tls, move |mut s| {
+        let (close_now, nth) = (Arc::clone(&cn), cc.fetch_add(1, Ordering::SeqCst));
+        async move {
+            let mut pending = Vec::new();
+            while read_request(&mut s, &mut pending).await.is_some() {
+                let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                if s.write_all(answer).await.is_err() || s.flush().await.is_err() {
+                    return;
+                }
+                if nth == 0 {
+                    close_now.notified().await;
+                    let _ = s.shutdown().await;
+                    // Held until the proxy closes its side, so nothing is reset.
+                    let mut rest = [0u8; 64];
+                    let _ = tokio::time::timeout(Duration::from_secs(10), s.read(&mut rest)).await;
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    let up_port: u16 = up
+        .url
+        .rsplit(':')
+        .next()
+        .and_then(|rest| rest.split('/').next())
+        .and_then(|p| p.parse().ok())
+        .expect("the upstream's port");
+    let p = start_proxy(&up.args(&["--worker-threads", "1"]));
+    // The connection goes back to the pool before the last bytes of the answer are passed
+    // on, so it is idle in the pool once the client has them.
+    expect_ok(&p, "{}", &format!("tls {tls}: first")).await;
+    close_now.notify_one();
+    poll_until(
+        Duration::from_secs(5),
+        "the upstream's close at the proxy",
+        || {
+            tcp_sockets()
+                .iter()
+                .any(|r| r.remote_port == up_port && r.state == CLOSE_WAIT)
+                .then_some(())
+        },
+    );
+    expect_ok(&p, "{}", &format!("tls {tls}: after the close")).await;
+    assert_eq!(
+        count.load(Ordering::SeqCst),
+        2,
+        "tls {tls}: a new connection"
+    );
+}
+
 /// Over TLS, a record that carries no data arriving on an idle pooled connection (here a
 /// TLS 1.3 `KeyUpdate` asking for one back, sent by the upstream once the proxy has passed
 /// on the response) is taken in at checkout, and the connection is reused: the proxy's own
@@ -697,6 +844,111 @@ async fn a_chunked_request_body_is_forwarded_chunked_over(tls: bool) {
     );
     assert!(!head.contains("content-length"), "{head}");
     assert_eq!(dechunk(&raw[head_end..]), b"{\"a\":1}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_request_bodies_are_forwarded_exactly() {
+    for tls in [false, true] {
+        empty_request_bodies_are_forwarded_exactly_over(tls).await;
+    }
+}
+
+async fn empty_request_bodies_are_forwarded_exactly_over(tls: bool) {
+    // An empty chunked body is still ended (or the upstream waits for it for ever), and a
+    // `content-length: 0` request has nothing after its head (anything there would be
+    // taken for the start of the next request on the connection).
+    let ok: &'static [u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+    let up = scripted(tls, vec![ok, ok, ok]).await;
+    let p = start_proxy(&up.up.args(&["--worker-threads", "1"]));
+    let head = |framing: &str| {
+        format!(
+            "POST /v1/responses HTTP/1.1\r\nhost: {}\r\nx-proxy-token: {}\r\n\
+             content-type: application/json\r\nconnection: close\r\n{framing}\r\n",
+            p.host(),
+            p.token
+        )
+    };
+    for raw in [
+        head("transfer-encoding: chunked\r\n") + "0\r\n\r\n",
+        head("content-length: 0\r\n"),
+        head("content-length: 2\r\n") + "{}",
+    ] {
+        let answer = raw_exchange(p.port, raw.as_bytes(), Duration::from_secs(10)).await;
+        assert!(
+            answer.starts_with(b"HTTP/1.1 200 "),
+            "tls {tls}: {}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
+    assert_eq!(
+        up.connections.load(Ordering::SeqCst),
+        1,
+        "tls {tls}: one connection"
+    );
+    let reqs = up.requests.lock().expect("lock").clone();
+    let text: Vec<String> = reqs
+        .iter()
+        .map(|r| String::from_utf8_lossy(r).into_owned())
+        .collect();
+    assert_eq!(text.len(), 3, "tls {tls}: {text:?}");
+    assert!(
+        text[0].starts_with("POST ")
+            && text[0].ends_with("transfer-encoding: chunked\r\n\r\n0\r\n\r\n"),
+        "tls {tls}: {:?}",
+        text[0]
+    );
+    assert!(
+        text[1].starts_with("POST ") && text[1].ends_with("content-length: 0\r\n\r\n"),
+        "tls {tls}: {:?}",
+        text[1]
+    );
+    assert!(
+        text[2].starts_with("POST ") && text[2].ends_with("\r\n\r\n{}"),
+        "tls {tls}: {:?}",
+        text[2]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_worker_reaches_an_https_upstream_over_tls() {
+    // Each worker has a pool of its own, made from the first one's settings. The accepting
+    // worker keeps a new connection while it holds fewer than 7 for each one the other
+    // holds, so with 7 client connections open the 8th is served by the second worker:
+    // its requests too must go over TLS (a plain connection to a TLS upstream would fail).
+    let ok: &'static [u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+    let up = scripted(true, vec![ok; 8]).await;
+    let p = start_proxy(&up.up.args(&["--worker-threads", "2"]));
+    let mut open = Vec::new();
+    for i in 0..8 {
+        let stream = TcpStream::connect(("127.0.0.1", p.port))
+            .await
+            .expect("connect");
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .expect("handshake");
+        tokio::spawn(conn);
+        let resp = tokio::time::timeout(
+            Duration::from_secs(10),
+            sender.send_request(p.responses_request("{}")),
+        )
+        .await
+        .expect("in time")
+        .expect("response");
+        assert_eq!(resp.status(), 200, "connection {i}: {}", p.stderr_text());
+        let body = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .expect("body")
+            .to_bytes();
+        assert_eq!(body.as_ref(), b"ok", "connection {i}");
+        // Kept open, so that the worker holding it counts it.
+        open.push(sender);
+    }
+    assert_eq!(
+        up.connections.load(Ordering::SeqCst),
+        2,
+        "one upstream connection per worker"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -459,6 +459,44 @@ where
     .await
 }
 
+/// One IPv4 TCP socket of this machine, as `/proc/net/tcp` shows it: the kernel's view,
+/// which tests use to order their steps against what a peer has done (read the bytes sent
+/// to it; received a close) without sleeping.
+#[derive(Debug, Clone, Copy)]
+pub struct TcpRow {
+    pub local_port: u16,
+    pub remote_port: u16,
+    /// The TCP state as the kernel numbers it (`08`: `CLOSE_WAIT`, the peer has closed).
+    pub state: u8,
+    /// Bytes received and not yet read by the socket's owner.
+    pub unread: u64,
+}
+
+pub const CLOSE_WAIT: u8 = 0x08;
+
+/// The IPv4 TCP sockets of this machine (`/proc/net/tcp`).
+pub fn tcp_sockets() -> Vec<TcpRow> {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("read /proc/net/tcp");
+    let port = |addr: &str| {
+        addr.rsplit(':')
+            .next()
+            .and_then(|p| u16::from_str_radix(p, 16).ok())
+    };
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            Some(TcpRow {
+                local_port: port(cols.get(1)?)?,
+                remote_port: port(cols.get(2)?)?,
+                state: u8::from_str_radix(cols.get(3)?, 16).ok()?,
+                unread: u64::from_str_radix(cols.get(4)?.split(':').nth(1)?, 16).ok()?,
+            })
+        })
+        .collect()
+}
+
 /// An address on which nothing listens.
 pub fn closed_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
