@@ -1163,6 +1163,40 @@ fn start_others(up: &Upstream, https: bool) -> Vec<(ProxyProc, Target)> {
         .collect()
 }
 
+/// The targets of a `--load-only` or `--body-only` comparison, over the plain or the TLS
+/// side of the upstream: direct first, then the proxy, nginx when installed, and the builds
+/// of `BENCH_PROXY_B` (measured in the same rounds); the processes run while this lives.
+struct Compared {
+    set: Vec<Target>,
+    _proxy: ProxyProc,
+    _nginx: Option<(Nginx, Target)>,
+    _builds: Vec<(ProxyProc, Target)>,
+}
+
+impl Compared {
+    fn start(up: &Upstream, https: bool) -> Self {
+        let (proxy_proc, proxy, _) = start_proxy_to(up, https);
+        let (nginx, direct) = if https {
+            (
+                start_nginx(up.tls_addr, Some(&up.ca_pem)),
+                direct_tls_target(up),
+            )
+        } else {
+            (start_nginx(up.addr, None), direct_target(up))
+        };
+        let mut set = vec![direct, proxy];
+        set.extend(nginx.iter().map(|(_, t)| t.clone()));
+        let builds = start_others(up, https);
+        set.extend(builds.iter().map(|(_, t)| t.clone()));
+        Self {
+            set,
+            _proxy: proxy_proc,
+            _nginx: nginx,
+            _builds: builds,
+        }
+    }
+}
+
 /// `--load-only`: the small-POST throughput rows alone (plain upstream, or HTTPS with
 /// `BENCH_HTTPS=1`; direct, proxy,
 /// nginx when installed, and `BENCH_PROXY_B` when set; interleaved, 5 rounds of 2 s at c = 1, 16, 64), medians and ratios.
@@ -1170,22 +1204,8 @@ async fn load_only_run() {
     let up = start_upstream().await;
     let fails = Arc::new(Failures::default());
     let https = over_https();
-    let (_p, proxy, _) = start_proxy_to(&up, https);
-    let (nginx, direct) = if https {
-        (
-            start_nginx(up.tls_addr, Some(&up.ca_pem)),
-            direct_tls_target(&up),
-        )
-    } else {
-        (start_nginx(up.addr, None), direct_target(&up))
-    };
-    let mut set = vec![direct, proxy];
-    if let Some((_, t)) = &nginx {
-        set.push(t.clone());
-    }
-    // BENCH_PROXY_B=path[,path…]: other builds of the proxy, measured in the same rounds.
-    let builds = start_others(&up, https);
-    set.extend(builds.iter().map(|(_, t)| t.clone()));
+    let compared = Compared::start(&up, https);
+    let mut set = compared.set.clone();
     let _relay = (with_relay() && !https).then(|| {
         let (p, t) = start_relay(&up);
         set.push(t);
@@ -1220,22 +1240,8 @@ async fn load_only_run() {
 async fn body_only_run() {
     let up = start_upstream().await;
     let fails = Arc::new(Failures::default());
-    let https = over_https();
-    let (_p, proxy, _) = start_proxy_to(&up, https);
-    let (nginx, direct) = if https {
-        (
-            start_nginx(up.tls_addr, Some(&up.ca_pem)),
-            direct_tls_target(&up),
-        )
-    } else {
-        (start_nginx(up.addr, None), direct_target(&up))
-    };
-    let mut set = vec![direct, proxy];
-    if let Some((_, t)) = &nginx {
-        set.push(t.clone());
-    }
-    let builds = start_others(&up, https);
-    set.extend(builds.iter().map(|(_, t)| t.clone()));
+    let compared = Compared::start(&up, over_https());
+    let set = &compared.set;
     let rounds: usize = std::env::var("BENCH_BODY_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -1244,7 +1250,7 @@ async fn body_only_run() {
     let big = Bytes::from(vec![b'a'; 8 << 20]);
     for reused in [false, true] {
         let mut senders = Vec::new();
-        for t in &set {
+        for t in set {
             senders.push(connect(t).await);
         }
         let mut ms: Vec<Vec<f64>> = vec![Vec::new(); set.len()];

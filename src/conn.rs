@@ -201,6 +201,25 @@ struct Shared {
 }
 
 impl Shared {
+    /// A new connection's, nothing read yet.
+    fn new(stream: TcpStream, write_stall: Duration) -> Self {
+        let (read, write) = stream.into_split();
+        Self {
+            write,
+            write_stall,
+            state: Mutex::new(ReadState {
+                read,
+                buf: BytesMut::new(),
+                size: ReadSize(ReadSize::FIRST),
+                body: BodyRead::Done,
+                send_continue: false,
+                generation: 0,
+                body_alive: false,
+                watcher: None,
+            }),
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, ReadState> {
         // Nothing panics while holding the lock; if something did, the state is still
         // only bytes and counters.
@@ -465,21 +484,7 @@ const MALFORMED: HeadEnd = HeadEnd::Refuse(
 
 /// Serves one connection until it closes.
 pub async fn serve(stream: TcpStream, ctx: Arc<ConnContext>, drain: watch::Receiver<bool>) {
-    let (read, write) = stream.into_split();
-    let shared = Arc::new(Shared {
-        write,
-        write_stall: ctx.limits.client_write_stall,
-        state: Mutex::new(ReadState {
-            read,
-            buf: BytesMut::new(),
-            size: ReadSize(ReadSize::FIRST),
-            body: BodyRead::Done,
-            send_continue: false,
-            generation: 0,
-            body_alive: false,
-            watcher: None,
-        }),
-    });
+    let shared = Arc::new(Shared::new(stream, ctx.limits.client_write_stall));
     let read_ahead = ctx.limits.max_header_size.saturating_add(READ_AHEAD);
     let mut timer = WaitTimer::default();
     // Kept from one response to the next (one allocation and wipe less per request). It
@@ -977,21 +982,7 @@ mod tests {
                 .await
                 .expect("connect");
             let (server, _) = listener.accept().await.expect("accept");
-            let (read, write) = server.into_split();
-            let shared = Arc::new(Shared {
-                write,
-                write_stall: Duration::from_secs(5),
-                state: Mutex::new(ReadState {
-                    read,
-                    buf: BytesMut::new(),
-                    size: ReadSize(ReadSize::FIRST),
-                    body: BodyRead::Done,
-                    send_continue: false,
-                    generation: 0,
-                    body_alive: false,
-                    watcher: None,
-                }),
-            });
+            let shared = Arc::new(Shared::new(server, Duration::from_secs(5)));
             let body_of = |generation, n| ClientBody {
                 shared: Arc::clone(&shared),
                 generation,

@@ -501,14 +501,7 @@ async fn descriptor_exhaustion_backs_off_and_recovers() {
             .expect("req")
     };
     // A keep-alive connection opened before the flood.
-    let stream = TcpStream::connect(("127.0.0.1", port))
-        .await
-        .expect("connect");
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .expect("hs");
-    tokio::spawn(conn);
+    let mut sender = http1_sender(port).await;
     let r = sender.send_request(req()).await.expect("send");
     assert_eq!(r.status(), 200);
     let _ = r.into_body().collect().await;

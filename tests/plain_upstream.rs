@@ -824,14 +824,7 @@ async fn a_chunked_request_body_is_forwarded_chunked_over(tls: bool) {
         .header("x-proxy-token", &p.token)
         .body(TwoChunks(0))
         .expect("req");
-    let stream = TcpStream::connect(("127.0.0.1", p.port))
-        .await
-        .expect("connect");
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .expect("handshake");
-    tokio::spawn(conn);
+    let mut sender = http1_sender(p.port).await;
     let resp = sender.send_request(req).await.expect("response");
     assert_eq!(resp.status(), 200);
     let reqs = up.requests.lock().expect("lock").clone();
@@ -920,14 +913,7 @@ async fn every_worker_reaches_an_https_upstream_over_tls() {
     let p = start_proxy(&up.up.args(&["--worker-threads", "2"]));
     let mut open = Vec::new();
     for i in 0..8 {
-        let stream = TcpStream::connect(("127.0.0.1", p.port))
-            .await
-            .expect("connect");
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .expect("handshake");
-        tokio::spawn(conn);
+        let mut sender = http1_sender(p.port).await;
         let resp = tokio::time::timeout(
             Duration::from_secs(10),
             sender.send_request(p.responses_request("{}")),

@@ -744,16 +744,27 @@ pub async fn try_send(
     port: u16,
     req: Request<Full<Bytes>>,
 ) -> Result<Response<hyper::body::Incoming>, hyper::Error> {
+    http1_sender(port).await.send_request(req).await
+}
+
+/// A new HTTP/1.1 client connection to `port` (the proxy), driven by a task of its own; it
+/// stays open while the sender lives.
+pub async fn http1_sender<B>(port: u16) -> hyper::client::conn::http1::SendRequest<B>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let stream = TcpStream::connect(("127.0.0.1", port))
         .await
         .expect("connect proxy");
     let _ = stream.set_nodelay(true);
-    let (mut sender, conn) =
+    let (sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
             .await
             .expect("handshake");
     tokio::spawn(conn);
-    sender.send_request(req).await
+    sender
 }
 
 /// Sends and collects; returns status, headers and body.
