@@ -1197,6 +1197,23 @@ impl Compared {
     }
 }
 
+/// The end of a `--load-only`, `--sse-only` or `--body-only` run: the failed or non-2xx
+/// requests and those the upstream saw without the injected key, printed; any of either
+/// fails the run, as in the full one.
+fn end_of_run(up: &Upstream, fails: &Failures) {
+    let failed = fails.0.load(Ordering::Relaxed);
+    let without = up.stats.without_key.load(Ordering::Relaxed);
+    println!("failures {failed}; upstream requests without the injected key: {without}");
+    for f in fails.1.lock().expect("lock").iter() {
+        println!("  failure: {f}");
+    }
+    assert_eq!(failed, 0, "requests failed or were not 2xx");
+    assert_eq!(
+        without, 0,
+        "the upstream saw requests without the injected key"
+    );
+}
+
 /// `--load-only`: the small-POST throughput rows alone (plain upstream, or HTTPS with
 /// `BENCH_HTTPS=1`; direct, proxy,
 /// nginx when installed, and `BENCH_PROXY_B` when set; interleaved, 5 rounds of 2 s at c = 1, 16, 64), medians and ratios.
@@ -1229,7 +1246,7 @@ async fn load_only_run() {
             .collect();
         println!("c={c}: {}", row.join(", "));
     }
-    println!("failures {}", fails.0.load(Ordering::Relaxed));
+    end_of_run(&up, &fails);
 }
 
 /// `--body-only`: the 8 MiB request-body row alone (plain upstream, or HTTPS with
@@ -1279,7 +1296,7 @@ async fn body_only_run() {
             );
         }
     }
-    println!("failures {}", fails.0.load(Ordering::Relaxed));
+    end_of_run(&up, &fails);
 }
 
 /// `--sse-only`: the SSE row alone (direct and proxy, 10 runs each or `BENCH_SSE_ROUNDS`,
@@ -1334,7 +1351,7 @@ async fn sse_only_run() {
             reused - base[1]
         );
     }
-    println!("failures {}", fails.0.load(Ordering::Relaxed));
+    end_of_run(&up, &fails);
 }
 
 /// `--cpu-only N`: only the CPU row, N requests through the proxy (for profiling it).
