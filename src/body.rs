@@ -424,9 +424,9 @@ impl ResponseStream {
 impl Drop for ResponseStream {
     fn drop(&mut self) {
         let (outcome, broken) = match self.end {
-            // hyper stops polling once it has sent `Content-Length` bytes.
             StreamEnd::Complete => ("ok", None),
-            StreamEnd::Open if self.inner.as_ref().is_none_or(Body::is_end_stream) => ("ok", None),
+            // The connection stops reading once it has sent the declared length.
+            StreamEnd::Open if self.inner.as_ref().is_none_or(delivered) => ("ok", None),
             StreamEnd::Open => ("client_closed", Some("the client went away before the end")),
             StreamEnd::UpstreamBroke => {
                 ("upstream_broke", Some("the upstream broke off the stream"))
@@ -439,12 +439,12 @@ impl Drop for ResponseStream {
         if let Some(mut d) = self.dump.take() {
             d.finish(broken);
         }
-        // Every byte the upstream declared has been sent, but hyper stopped polling before
-        // the upstream's end-of-stream arrived. Read that end in the background instead of
-        // dropping the body: on HTTP/2 a drop cancels the stream (RST_STREAM), and h2 closes a
-        // connection that has cancelled too many; on HTTP/1 the connection returns to the
-        // pool. A body that still has bytes to come (client gone) is dropped, which cancels
-        // the upstream request at once.
+        // Every byte the upstream declared has been sent, but the connection stopped
+        // reading before the upstream's end of stream arrived. Read that end in the
+        // background instead of dropping the body: on HTTP/2 a drop cancels the stream
+        // (RST_STREAM), and h2 closes a connection that has cancelled too many; on HTTP/1
+        // the connection returns to the pool. A body that still has bytes to come (client
+        // gone) is dropped, which cancels the upstream request at once.
         if let Some(UpstreamBody::Pooled(inner)) = self.inner.take()
             && self.end == StreamEnd::Open
             && !inner.is_end_stream()
@@ -459,6 +459,12 @@ impl Drop for ResponseStream {
             self.logger.access(&self.record);
         }
     }
+}
+
+/// Whether every byte of `body` has been read: it is at its end, or (an HTTP/2 stream whose
+/// end comes after its last bytes) all the bytes its length declared have come.
+fn delivered(body: &UpstreamBody) -> bool {
+    body.is_end_stream() || body.size_hint().exact() == Some(0)
 }
 
 impl Body for ResponseStream {
@@ -524,10 +530,6 @@ impl Body for ResponseStream {
         }
     }
 
-    fn is_end_stream(&self) -> bool {
-        self.end != StreamEnd::Open || self.inner.as_ref().is_none_or(Body::is_end_stream)
-    }
-
     fn size_hint(&self) -> SizeHint {
         self.inner
             .as_ref()
@@ -568,13 +570,6 @@ impl Body for ProxyBody {
         match self.get_mut() {
             ProxyBody::Fixed(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             ProxyBody::Stream(s) => Pin::new(s.as_mut()).poll_frame(cx),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            ProxyBody::Fixed(b) => b.is_none(),
-            ProxyBody::Stream(s) => s.is_end_stream(),
         }
     }
 

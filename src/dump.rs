@@ -289,6 +289,9 @@ struct Shared {
     /// Tests hold it to stand for a slow disk: the writer takes it before each job.
     #[cfg(test)]
     stall: Mutex<()>,
+    /// Episodes of memory pressure reported (tests).
+    #[cfg(test)]
+    reported: AtomicUsize,
 }
 
 impl Shared {
@@ -300,6 +303,8 @@ impl Shared {
     /// Notes that the budget refused room: reported once per episode.
     fn under_pressure(&self) {
         if !self.pressed.swap(true, Ordering::AcqRel) {
+            #[cfg(test)]
+            self.reported.fetch_add(1, Ordering::Relaxed);
             self.logger.event(
                 LogLevel::Warn,
                 "dumps are using all of --dump-max-memory; bodies are cut and exchanges may go \
@@ -495,6 +500,8 @@ impl Dumper {
             logger,
             #[cfg(test)]
             stall: Mutex::new(()),
+            #[cfg(test)]
+            reported: AtomicUsize::new(0),
         });
         let writer = Arc::clone(&shared);
         std::thread::Builder::new()
@@ -998,6 +1005,121 @@ mod tests {
         }
     }
 
+    /// A copy's share of the budget is exactly the room it has allocated, however often it
+    /// grows, and all of it is given back with the copy: what `--dump-max-memory` bounds is
+    /// what the dumps hold.
+    #[test]
+    fn a_copy_holds_exactly_the_room_it_allocated_and_gives_it_all_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let dumper = dumper_of(dir.path(), 1 << 20, 4 << 20).expect("dumper");
+        let mut copy = dumper.shared.body(1 << 20);
+        let mut len = 0;
+        let room = |c: &BodyCopy| c.held.as_ref().map_or(0, |h| h.bytes);
+        for n in [100, 8 << 10, 1, 20_000, 50_000, 3] {
+            copy.push(&vec![b'a'; n]);
+            len += n;
+            assert_eq!(copy.bytes.len(), len);
+            assert_eq!(
+                dumper.held(),
+                room(&copy),
+                "the budget counts the copy's room"
+            );
+            assert_eq!(
+                copy.bytes.capacity(),
+                room(&copy),
+                "which is what it allocated"
+            );
+        }
+        // Filling the room exactly does not grow it.
+        let before = room(&copy);
+        copy.push(&vec![b'a'; before - len]);
+        assert_eq!((copy.bytes.len(), room(&copy)), (before, before));
+        assert_eq!(dumper.held(), before);
+        assert!(copy.cut.is_none());
+        drop(copy);
+        assert_eq!(dumper.held(), 0, "all given back");
+    }
+
+    /// A response dump that is dropped before it was finished is still written, and says
+    /// that the response was not completed; a fixed body is written whole.
+    #[test]
+    fn an_unfinished_response_dump_is_written_and_marked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let dumper = quiet_dumper(dir.path()).expect("dumper");
+        let h = HeaderMap::new();
+        for (url, fixed) in [("/a", false), ("/b", true)] {
+            let (req, slot) = dumper.begin(&Method::POST, url, &h).expect("room");
+            drop(req);
+            let mut resp = slot.open(StatusCode::BAD_GATEWAY, &h).expect("room");
+            if fixed {
+                resp.finish_with(&Bytes::from_static(b"{\"error\":1}"));
+            } else {
+                resp.push(b"{\"part");
+                drop(resp);
+            }
+        }
+        assert!(dumper.wait_written(Duration::from_secs(5)));
+        let resps = read_dump(dir.path(), "-response.json");
+        assert_eq!(resps.len(), 2);
+        assert_eq!(resps[0]["status"], 502);
+        assert_eq!(resps[0]["body"], "{\"part");
+        assert_eq!(resps[0]["stream_error"], "the response was not completed");
+        assert_eq!(resps[1]["body"], serde_json::json!({"error": 1}));
+        assert!(resps[1].get("stream_error").is_none());
+    }
+
+    /// A dumper dropped without being closed (there is no such path in the proxy, which
+    /// closes it at exit) still has what is queued written, and its writer thread ends.
+    #[test]
+    fn a_dropped_dumper_writes_what_is_queued_and_its_writer_ends() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let dumper = quiet_dumper(dir.path()).expect("dumper");
+        let (mut a, _) = dumper
+            .begin(&Method::POST, "/a", &HeaderMap::new())
+            .expect("room");
+        a.push(b"{}");
+        a.finish();
+        let shared = Arc::clone(&dumper.shared);
+        drop(dumper);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut q = shared.lock();
+        while !q.gone {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "the writer did not end");
+            q = shared.idle.wait_timeout(q, left).expect("lock").0;
+        }
+        drop(q);
+        assert_eq!(read_dump(dir.path(), "-request.json").len(), 1);
+    }
+
+    /// An exchange's head (its fields, URL and method) is counted when it begins; an
+    /// episode of pressure lasts until the dumps hold half the budget or less, not merely
+    /// until one of them is written.
+    #[test]
+    fn heads_are_counted_and_pressure_lasts_until_half_the_budget_is_free() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let dumper = dumper_of(dir.path(), 1 << 20, 64 << 10).expect("dumper");
+        let mut h = HeaderMap::new();
+        h.insert("content-type", "application/json".parse().expect("value"));
+        let (mut b, _) = dumper.begin(&Method::POST, "/b", &h).expect("room");
+        let head = PER_DUMP + "content-type".len() + "application/json".len() + PER_FIELD;
+        assert_eq!(dumper.held(), head + "/b".len() + "POST".len());
+        b.push(&vec![b'b'; 40 << 10]);
+        let (mut a, _) = dumper.begin(&Method::GET, "/a", &h).expect("room");
+        a.push(&vec![b'a'; 32 << 10]);
+        assert!(dumper.pressed());
+        a.finish();
+        assert!(dumper.wait_written(Duration::from_secs(5)));
+        // `b` still holds more than half of the budget: the episode goes on.
+        assert!(dumper.held() > 32 << 10);
+        assert!(dumper.pressed());
+        b.finish();
+        assert!(dumper.wait_written(Duration::from_secs(5)));
+        assert!(!dumper.pressed());
+        assert_eq!(dumper.held(), 0);
+        assert_eq!(dumper.shared.reported.load(Ordering::Relaxed), 1);
+    }
+
     #[test]
     fn dumps_together_hold_at_most_the_memory_budget() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -1015,9 +1137,10 @@ mod tests {
             b.push(&chunk);
             assert!(dumper.held() <= budget, "{}", dumper.held());
         }
-        // `b` was cut, and that was reported; whatever room frees up later, it keeps nothing
-        // more (no holes).
+        // `b` was cut, and that was reported (once); whatever room frees up later, it keeps
+        // nothing more (no holes).
         assert!(dumper.pressed());
+        assert_eq!(dumper.shared.reported.load(Ordering::Relaxed), 1);
         a.finish();
         assert!(dumper.wait_written(Duration::from_secs(5)));
         // Drained to half or less: the next shortage is a new episode, reported again.
@@ -1046,6 +1169,13 @@ mod tests {
         assert!(dumper.wait_written(Duration::from_secs(5)));
         let reqs = read_dump(dir.path(), "-request.json");
         assert_eq!(reqs[2]["body"].as_str().map(str::len), Some(16 << 10));
+        // The next shortage is a new episode, reported again (once).
+        let (mut d, _) = dumper.begin(&Method::POST, "/d", &h).expect("room");
+        for _ in 0..6 {
+            d.push(&chunk);
+        }
+        assert!(dumper.pressed());
+        assert_eq!(dumper.shared.reported.load(Ordering::Relaxed), 2);
     }
 
     #[test]

@@ -717,6 +717,41 @@ mod tests {
         }
     }
 
+    /// The calendar against the plainest reference there is: counting days one at a time,
+    /// month lengths and the leap-year rule written out, from 1970 to 2400 (past the
+    /// century years 2100, 2200 and 2300, which are not leap years, and 2400, which is).
+    #[test]
+    fn every_day_from_1970_to_2400_has_its_calendar_date() {
+        let leap = |y: i64| (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+        let month_days = |y: i64, m: i64| match m {
+            2 if leap(y) => 29,
+            2 => 28,
+            4 | 6 | 9 | 11 => 30,
+            _ => 31,
+        };
+        let (mut y, mut m, mut d) = (1970, 1, 1);
+        let mut days: u64 = 0;
+        while y <= 2400 {
+            // A second before midnight, and midnight itself.
+            assert_eq!(civil_utc(days * 86_400), (y, m, d, 0), "day {days}");
+            assert_eq!(
+                civil_utc(days * 86_400 + 86_399),
+                (y, m, d, 86_399),
+                "day {days}"
+            );
+            days += 1;
+            d += 1;
+            if d > month_days(y, m) {
+                d = 1;
+                m += 1;
+                if m > 12 {
+                    m = 1;
+                    y += 1;
+                }
+            }
+        }
+    }
+
     #[test]
     fn formats_utc_times() {
         assert_eq!(rfc3339_utc(Duration::ZERO), "1970-01-01T00:00:00.000Z");

@@ -309,6 +309,26 @@ mod tests {
         assert!(buf.iter().all(|&b| b == 0), "a refused key is wiped");
     }
 
+    /// A read that claims more bytes than it was offered (read(2) never does; the count is
+    /// clamped all the same) is taken as filling what it was offered, not trusted.
+    #[test]
+    fn a_read_claiming_more_than_it_was_offered_is_clamped() {
+        let mut buf = [0u8; 16];
+        let mut calls = 0;
+        let r = read_line_with(&mut buf, |b| {
+            calls += 1;
+            if calls == 1 {
+                b[..4].fill(b'k');
+                return Ok(4);
+            }
+            b[..3].copy_from_slice(b"kk\n");
+            Ok(b.len() + 3)
+        });
+        assert_eq!(r, Ok(6));
+        assert_eq!(&buf[..6], b"kkkkkk");
+        assert!(buf[6..].iter().all(|&b| b == 0), "the rest is wiped");
+    }
+
     #[test]
     fn read_errors_are_reported_without_data() {
         let mut buf = [0u8; 16];

@@ -261,6 +261,13 @@ async fn heads_that_cannot_be_served_get_json_errors_and_access_lines() {
         let log = p.stderr_text();
         (log.contains("status=400 ") && log.contains("outcome=malformed_request")).then_some(())
     });
+    // No method or path is known for a head that could not be read: the line says so.
+    assert!(
+        p.stderr_text()
+            .contains(" access method=- path=- status=400 "),
+        "{}",
+        p.stderr_text()
+    );
     let log = p.stderr_text();
     assert!(
         log.contains("outcome=request_header_fields_too_large"),

@@ -150,6 +150,8 @@ pub struct MockState {
     pub requests: Mutex<Vec<Recorded>>,
     /// Response bodies dropped before their script finished (the proxy went away).
     pub cancelled: Mutex<Vec<Instant>>,
+    /// Response bodies sent to their end (the end of stream included).
+    pub finished: Mutex<usize>,
     pub connections: Mutex<usize>,
     /// Requests whose body broke off before the end.
     pub incomplete: Mutex<usize>,
@@ -337,8 +339,11 @@ impl Body for ScriptBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
         let r = self.rx.poll_recv(cx);
-        if let Poll::Ready(None) = r {
+        if let Poll::Ready(None) = r
+            && !self.done
+        {
             self.done = true;
+            *self.st.finished.lock().expect("lock") += 1;
         }
         r
     }
