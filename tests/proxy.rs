@@ -817,17 +817,7 @@ async fn an_answer_whose_declared_bytes_all_went_out_is_complete() {
     let (_dir, dumps, p) = proxy_with_dumps(&up, &[]);
     let (status, _, body) = exchange(p.port, p.responses_request("{}")).await;
     assert_eq!((status.as_u16(), body.len()), (200, LEN));
-    poll_until(Duration::from_secs(5), "the access line", || {
-        p.stderr_text().contains(" access ").then_some(())
-    });
-    let log = p.stderr_text();
-    assert!(
-        log.contains(&format!("bytes_out={LEN} ")) && log.contains("outcome=ok"),
-        "{log}"
-    );
-    let dump = response_dump(&dumps);
-    assert_eq!(dump["body"].as_str().map(str::len), Some(LEN));
-    assert!(dump.get("stream_error").is_none(), "{dump}");
+    logged_ok_and_dumped_whole(&p, &dumps, LEN);
 
     let up = MockUpstream::tls(move |_| reply()).await;
     let dir = tempfile::tempdir().expect("dir");
@@ -856,15 +846,22 @@ async fn an_answer_whose_declared_bytes_all_went_out_is_complete() {
         up.state.cancelled.lock().expect("lock").is_empty(),
         "the stream was cancelled, not read to its end"
     );
-    poll_until(Duration::from_secs(5), "the access line", || {
-        p.stderr_text().contains(" access ").then_some(())
+    logged_ok_and_dumped_whole(&p, &dumps, LEN);
+}
+
+/// The exchange's access line says `ok` with `len` bytes out, and its response dump holds
+/// them, not marked cut.
+fn logged_ok_and_dumped_whole(p: &ProxyProc, dumps: &std::path::Path, len: usize) {
+    let log = poll_until(Duration::from_secs(5), "the access line", || {
+        let t = p.stderr_text();
+        t.contains(" access ").then_some(t)
     });
-    let log = p.stderr_text();
     assert!(
-        log.contains(&format!("bytes_out={LEN} ")) && log.contains("outcome=ok"),
+        log.contains(&format!("bytes_out={len} ")) && log.contains("outcome=ok"),
         "{log}"
     );
-    let dump = response_dump(&dumps);
+    let dump = response_dump(dumps);
+    assert_eq!(dump["body"].as_str().map(str::len), Some(len));
     assert!(dump.get("stream_error").is_none(), "{dump}");
 }
 
