@@ -1,7 +1,7 @@
 //! The two streaming bodies of an exchange.
 //!
-//! [`UpstreamRequestBody`] carries the client's request body upstream chunk by chunk (hyper
-//! pulls it, so backpressure is end to end), enforcing the size limit and the client's idle
+//! [`UpstreamRequestBody`] carries the client's request body upstream chunk by chunk (the
+//! upstream client pulls it, so backpressure is end to end), enforcing the size limit and the client's idle
 //! limit, and noting activity so the upstream idle clock does not run while a large body is
 //! still being sent. [`ResponseStream`] carries the upstream's response to the client frame
 //! by frame (nothing is batched), enforces the upstream idle limit, and writes the access
@@ -26,7 +26,8 @@ use crate::log::{AccessRecord, Logger};
 use crate::mask::StreamMask;
 use crate::upstream::UpstreamBody;
 
-/// Errors surfaced to hyper (which then aborts the affected connection or request).
+/// Errors a body ends with (the connection or the upstream client then aborts the
+/// affected request).
 pub type BoxError = Box<dyn StdError + Send + Sync>;
 
 /// Why the request body stopped early.
