@@ -791,6 +791,34 @@ mod tests {
     }
 
     #[test]
+    fn text_values_are_bare_only_when_nothing_could_be_misread() {
+        let fields = |pairs: &[(&'static str, &str)]| {
+            pairs.iter().map(|&(k, v)| (k, Value::from(v))).collect()
+        };
+        let line = format_line(
+            LogFormat::Text,
+            "T",
+            LogLevel::Warn,
+            "m",
+            fields(&[
+                ("plain", "a-b_c:1/2"),
+                ("space", "a b"),
+                ("empty", ""),
+                ("quote", "a\"b"),
+                ("equals", "a=b"),
+                ("control", "a\u{1}"),
+                ("other", "é"),
+            ]),
+        );
+        assert_eq!(
+            line,
+            "T warn m plain=a-b_c:1/2 space=\"a b\" empty=\"\" quote=\"a\\\"b\" \
+             equals=\"a=b\" control=\"a\\u0001\" other=\"é\"\n"
+        );
+        assert!(is_bare("sk_abc.DEF~1") && !is_bare("") && !is_bare("a\tb"));
+    }
+
+    #[test]
     fn levels_filter() {
         let l = Logger::new(LogFormat::Text, LogLevel::Warn);
         assert!(l.enabled(LogLevel::Error));

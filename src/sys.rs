@@ -137,13 +137,6 @@ pub fn set_not_dumpable() -> io::Result<()> {
     check(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0 as libc::c_ulong, 0, 0, 0) }).map(drop)
 }
 
-/// Reads back the dumpable flag (for verification).
-#[cfg(target_os = "linux")]
-pub fn is_dumpable() -> io::Result<bool> {
-    // SAFETY: PR_GET_DUMPABLE takes no pointer arguments.
-    check(unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) }).map(|v| v != 0)
-}
-
 /// Denies debugger attachment (macOS).
 #[cfg(target_os = "macos")]
 pub fn deny_attach() -> io::Result<()> {
@@ -532,11 +525,20 @@ mod tests {
     #[test]
     fn files_are_created_and_removed_only_by_name_inside_the_held_directory() {
         use std::io::Write;
-        use std::os::fd::AsFd;
+        use std::os::fd::{AsFd, AsRawFd};
         use std::os::unix::fs::PermissionsExt;
         let tmp = tempfile::tempdir().expect("dir");
         let held = std::fs::File::open(tmp.path()).expect("open dir");
         let mut f = create_in(held.as_fd(), "a.json", 0o600).expect("create");
+        // Closed on exec, like every file Rust opens (`flags` in octal; O_CLOEXEC 02000000).
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", f.as_raw_fd()))
+            .expect("fdinfo");
+        let flags = info
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+            .expect("flags");
+        assert_ne!(flags & libc::O_CLOEXEC as u32, 0, "{info}");
         f.write_all(b"{}").expect("write");
         drop(f);
         let path = tmp.path().join("a.json");
@@ -630,8 +632,12 @@ mod tests {
 
     #[test]
     fn mapped_pages_are_page_aligned_zeroed_and_lockable() {
+        // The kernel's page size (a power of two, 4 KiB or more), and whole pages of it.
+        let page = page_size();
+        assert!(page.is_power_of_two() && page >= 4096, "{page}");
+        assert_eq!(map_private_pages(page + 1).expect("mmap").len(), 2 * page);
         let region = map_private_pages(10).expect("mmap");
-        assert_eq!(region.len() % page_size(), 0);
+        assert_eq!(region.len(), page);
         assert_eq!(region.as_ptr() as usize % page_size(), 0);
         assert!(region.iter().all(|&b| b == 0));
         region[0] = 1;

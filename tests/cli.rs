@@ -666,7 +666,7 @@ fn key_in_the_environment_is_wiped_and_warned_about() {
     let p = start_proxy_with(
         &["--upstream-url", UP],
         &format!("{KEY}\n"),
-        &[("MY_OPENAI_KEY", KEY)],
+        &[("MY_OPENAI_KEY", KEY), ("MY_OPENAI_KEY_NEXT", "kept")],
     );
     let err = poll_until(Duration::from_secs(5), "warning", || {
         let t = p.stderr_text();
@@ -682,6 +682,22 @@ fn key_in_the_environment_is_wiped_and_warned_about() {
         !environ.windows(needle.len()).any(|w| w == needle),
         "key still in /proc/PID/environ"
     );
+    // Its bytes are zeroed where they were, and not one byte more: the next variable (the
+    // environment is passed sorted, so it is MY_OPENAI_KEY_NEXT) is whole.
+    let name = b"MY_OPENAI_KEY=";
+    let at = environ
+        .windows(name.len())
+        .position(|w| w == name)
+        .expect("the variable's name is still there")
+        + name.len();
+    let rest = &environ[at..];
+    assert!(rest[..needle.len()].iter().all(|&b| b == 0), "{rest:?}");
+    assert!(
+        rest[needle.len()..].starts_with(b"\0MY_OPENAI_KEY_NEXT=kept\0"),
+        "{:?}",
+        String::from_utf8_lossy(&rest[needle.len()..])
+    );
+    assert!(!err.contains("MY_OPENAI_KEY_NEXT"), "{err}");
     // (Removing LD_* variables changes only the live environment, which /proc does not
     // show; that policy is covered by the unit table in hardening.rs.)
 }
@@ -955,4 +971,68 @@ fn a_key_that_cannot_be_locked_is_a_warning_in_the_log_format() {
             .is_some_and(|m| m.contains("could not lock the key") && m.contains("ulimit -l")),
         "{warning}"
     );
+}
+
+/// The operator typing the key on a terminal: asked for it on stderr, echo off while it is
+/// read (the key never comes back to the terminal), echo on again once it is read. A pseudo-
+/// terminal made by Python's `pty` stands in for the terminal.
+#[test]
+fn a_key_typed_on_a_terminal_is_asked_for_and_not_echoed() {
+    const SCRIPT: &str = r#"
+import os, select, signal, subprocess, sys, termios, time
+binary, key, upstream = sys.argv[1], sys.argv[2].encode(), sys.argv[3]
+master, slave = os.openpty()
+proxy = subprocess.Popen([binary, "--upstream-url", upstream], stdin=slave,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+err = b""
+def until(what, check, limit=10.0):
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        if check():
+            return
+        time.sleep(0.01)
+    proxy.kill()
+    sys.exit("timed out waiting for " + what + "; stderr: " + err.decode(errors="replace"))
+def stderr_has(text):
+    global err
+    while select.select([proxy.stderr], [], [], 0)[0]:
+        chunk = os.read(proxy.stderr.fileno(), 4096)
+        if not chunk:
+            break
+        err += chunk
+    return text in err
+echo = lambda: termios.tcgetattr(slave)[3] & termios.ECHO != 0
+if not echo():
+    sys.exit("a new pseudo-terminal echoes")
+until("the prompt", lambda: stderr_has(b"type or paste the API key"))
+until("echo off", lambda: not echo())
+os.write(master, key + b"\n")
+until("the proxy listening", lambda: stderr_has(b"listening"))
+until("echo back on", echo)
+shown = b""
+while select.select([master], [], [], 0.2)[0]:
+    shown += os.read(master, 4096)
+proxy.send_signal(signal.SIGTERM)
+proxy.wait(10)
+stderr_has(b"")
+if key in shown:
+    sys.exit("the key was echoed to the terminal")
+if key in err:
+    sys.exit("the key is in stderr")
+print("ok")
+"#;
+    let python = std::process::Command::new("python3")
+        .args(["-c", SCRIPT, bin(), KEY, UP])
+        .output();
+    let Ok(out) = python else {
+        eprintln!("skipped: needs python3 (CI installs it)");
+        return;
+    };
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
 }

@@ -939,6 +939,74 @@ async fn dumps_past_the_memory_budget_are_cut_and_marked_not_the_exchange() {
     assert!(log.contains(not_dumped), "{log}");
 }
 
+/// Exchanges that begin while an unfinished upload's dump holds all of `--dump-max-memory`
+/// are served but not dumped, and the proxy says how many when it stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exchanges_not_dumped_for_want_of_memory_are_counted_at_exit() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up =
+        MockUpstream::plain(|r| Reply::json(200, &format!("{{\"got\":{}}}", r.body.len()))).await;
+    let (_dir, dumps, mut p) = proxy_with_dumps(&up, &["--dump-max-memory", "64KiB"]);
+    let (first, rest) = (100 << 10, 100 << 10);
+    let mut upload = tokio::net::TcpStream::connect(("127.0.0.1", p.port))
+        .await
+        .expect("connect");
+    let head = format!(
+        "POST /v1/responses HTTP/1.1\r\nhost: {}\r\nx-proxy-token: {}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        p.host(),
+        p.token,
+        first + rest
+    );
+    upload.write_all(head.as_bytes()).await.expect("head");
+    upload
+        .write_all("a".repeat(first).as_bytes())
+        .await
+        .expect("first half");
+    poll_until(Duration::from_secs(5), "the budget in use", || {
+        p.stderr_text()
+            .contains("dumps are using all of --dump-max-memory")
+            .then_some(())
+    });
+    for _ in 0..2 {
+        let (status, _, answer) = exchange(p.port, p.responses_request("{}")).await;
+        assert_eq!(status, 200);
+        assert_eq!(answer, b"{\"got\":2}");
+    }
+    upload
+        .write_all("b".repeat(rest).as_bytes())
+        .await
+        .expect("second half");
+    let mut answer = [0u8; 12];
+    tokio::time::timeout(Duration::from_secs(5), upload.read_exact(&mut answer))
+        .await
+        .expect("an answer in time")
+        .expect("read");
+    assert_eq!(&answer, b"HTTP/1.1 200");
+    let log = p.stop_and_read_log();
+    let names: Vec<String> = std::fs::read_dir(&dumps)
+        .expect("ls")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    // Only the upload was dumped: its request, and its response unless that head too came
+    // before the request's file was written and its memory given back.
+    let requests = names
+        .iter()
+        .filter(|n| n.ends_with("-request.json"))
+        .count();
+    let responses = names
+        .iter()
+        .filter(|n| n.ends_with("-response.json"))
+        .count();
+    assert_eq!(requests, 1, "{names:?}");
+    let not_dumped = if responses == 1 { 2 } else { 3 };
+    assert!(
+        log.contains("some exchanges were not dumped")
+            && log.contains(&format!("not_dumped={not_dumped}")),
+        "{log}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queued_dumps_are_written_before_the_proxy_exits() {
     let up = MockUpstream::plain(|_| Reply::json(200, "{}")).await;
