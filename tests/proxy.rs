@@ -279,7 +279,7 @@ async fn request_body_limit() {
     // upstream connection is a new one and its arrival says the first chunk went out.)
     let up = MockUpstream::plain(|_| Reply::json(200, "{}")).await;
     let p = start_proxy(&["--upstream-url", &up.url(), "--max-request-body", "1KiB"]);
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", p.port))
         .await
         .expect("connect");
@@ -294,12 +294,7 @@ async fn request_body_limit() {
     s.write_all(format!("400\r\n{}\r\n0\r\n\r\n", "b".repeat(1024)).as_bytes())
         .await
         .expect("rest");
-    let mut answer = [0u8; 12];
-    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut answer))
-        .await
-        .expect("an answer in time")
-        .expect("read");
-    assert_eq!(&answer, b"HTTP/1.1 413");
+    assert_eq!(&status_line(&mut s).await, b"HTTP/1.1 413");
     poll_until_async(Duration::from_secs(5), "aborted upstream body", || {
         (*up.state.incomplete.lock().expect("lock") == 1).then_some(())
     })
@@ -685,6 +680,17 @@ async fn server_info_content_and_mode() {
 }
 
 /// The proxy in front of `up` with `--dump-dir` (a fresh directory) and `extra` flags.
+/// The first 12 bytes of the answer on `s` (`HTTP/1.1 NNN`), within 5 s.
+async fn status_line(s: &mut tokio::net::TcpStream) -> [u8; 12] {
+    use tokio::io::AsyncReadExt;
+    let mut answer = [0u8; 12];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut answer))
+        .await
+        .expect("an answer in time")
+        .expect("read");
+    answer
+}
+
 fn proxy_with_dumps(
     up: &MockUpstream,
     extra: &[&str],
@@ -943,7 +949,7 @@ async fn dumps_past_the_memory_budget_are_cut_and_marked_not_the_exchange() {
 /// are served but not dumped, and the proxy says how many when it stops.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exchanges_not_dumped_for_want_of_memory_are_counted_at_exit() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let up =
         MockUpstream::plain(|r| Reply::json(200, &format!("{{\"got\":{}}}", r.body.len()))).await;
     let (_dir, dumps, mut p) = proxy_with_dumps(&up, &["--dump-max-memory", "64KiB"]);
@@ -977,12 +983,7 @@ async fn exchanges_not_dumped_for_want_of_memory_are_counted_at_exit() {
         .write_all("b".repeat(rest).as_bytes())
         .await
         .expect("second half");
-    let mut answer = [0u8; 12];
-    tokio::time::timeout(Duration::from_secs(5), upload.read_exact(&mut answer))
-        .await
-        .expect("an answer in time")
-        .expect("read");
-    assert_eq!(&answer, b"HTTP/1.1 200");
+    assert_eq!(&status_line(&mut upload).await, b"HTTP/1.1 200");
     let log = p.stop_and_read_log();
     let names: Vec<String> = std::fs::read_dir(&dumps)
         .expect("ls")
