@@ -1036,3 +1036,21 @@ print("ok")
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
 }
+
+/// A `--upstream-ca` that is not a readable file of certificates is refused saying why: a
+/// path that does not exist, a directory (at once, not after the wait a pipe gets). A file
+/// is read up to 16 MiB and no further.
+#[test]
+fn a_ca_path_that_is_no_file_or_too_large_is_refused() {
+    let dir = tempfile::tempdir().expect("dir");
+    let err = ca_err(&dir.path().join("missing.pem"));
+    assert!(err.contains("cannot resolve the path"), "{err}");
+    let err = ca_err(dir.path());
+    assert!(err.contains("Is a directory"), "{err}");
+    // Exactly the limit is read (and then found to hold no certificate); a byte more is not.
+    let limit = 16 << 20;
+    let err = ca_err(&write_file(dir.path(), "full.pem", &"a".repeat(limit)));
+    assert!(err.contains("no PEM certificate"), "{err}");
+    let err = ca_err(&write_file(dir.path(), "over.pem", &"a".repeat(limit + 1)));
+    assert!(err.contains("larger than 16 MiB"), "{err}");
+}

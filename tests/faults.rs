@@ -632,6 +632,66 @@ async fn many_sized_responses_over_one_h2_connection_all_succeed() {
     assert!(reqs.iter().all(|r| r.version == http::Version::HTTP_2));
 }
 
+/// Clients that leave in the middle of a stream make the proxy cancel it upstream (an
+/// HTTP/2 reset from our side); h2 would close a connection after too many of those, and
+/// the proxy allows many, so the pooled connection outlives them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_cancelled_by_leaving_clients_keep_the_h2_connection() {
+    let hold = std::sync::Arc::new(tokio::sync::Notify::new());
+    let held = std::sync::Arc::clone(&hold);
+    let up = MockUpstream::tls(move |r| {
+        if r.body == b"{}" {
+            Reply::json(200, "{}")
+        } else {
+            Reply::sse(vec![
+                Step::Data(Bytes::from_static(b"data: 1\n\n")),
+                Step::Wait(std::sync::Arc::clone(&held)),
+            ])
+        }
+    })
+    .await;
+    let (_dir, p) = h2_proxy(&up, &["--log-level", "warn"]);
+    for _ in 0..3 {
+        let mut s = TcpStream::connect(("127.0.0.1", p.port))
+            .await
+            .expect("connect");
+        let req = format!(
+            "POST /v1/responses HTTP/1.1\r\nhost: {}\r\nx-proxy-token: {}\r\n\
+             content-type: application/json\r\ncontent-length: 2\r\n\r\n[]",
+            p.host(),
+            p.token
+        );
+        s.write_all(req.as_bytes()).await.expect("write");
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !got.windows(9).any(|w| w == b"data: 1\n\n") {
+            let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
+                .await
+                .expect("the first event in time")
+                .expect("read");
+            assert!(n > 0, "{}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&chunk[..n]);
+        }
+        // The client leaves mid-stream: the proxy cancels the upstream stream.
+        drop(s);
+        let streams = up.count();
+        poll_until_async(
+            Duration::from_secs(5),
+            "the stream cancelled upstream",
+            || (up.state.cancelled.lock().expect("lock").len() == streams).then_some(()),
+        )
+        .await;
+    }
+    let (status, _, _) = exchange(p.port, p.responses_request("{}")).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        *up.state.connections.lock().expect("lock"),
+        1,
+        "one pooled connection"
+    );
+    hold.notify_waiters();
+}
+
 /// "Max open files" of `pid`: (soft, hard).
 fn open_files_limit_of(pid: u32) -> (String, String) {
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");

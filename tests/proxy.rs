@@ -348,19 +348,27 @@ async fn only_post_v1_responses_is_forwarded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_down_is_502() {
     let port = closed_port();
-    let url = format!("http://127.0.0.1:{port}/v1/responses");
-    let p = start_proxy(&["--upstream-url", &url]);
-    let t0 = Instant::now();
-    let (status, headers, body) = exchange(p.port, p.responses_request("{}")).await;
-    assert_eq!(status, 502);
-    assert!(t0.elapsed() < Duration::from_secs(2), "fast");
-    assert_eq!(headers["content-type"], "application/json");
-    assert_eq!(error_code(&body), "upstream_unavailable");
-    let log = poll_until(Duration::from_secs(5), "log", || {
-        let t = p.stderr_text();
-        t.contains("upstream request failed").then_some(t)
-    });
-    assert!(log.to_lowercase().contains("refused"), "{log}");
+    let plain = format!("http://127.0.0.1:{port}/v1/responses");
+    let tls = format!("https://127.0.0.1:{port}/v1/responses");
+    // The lean HTTP/1.1 client and the general one (HTTP/2): refused is 502, not a timeout,
+    // and the log names the cause (the general client's is a source of its error).
+    for args in [
+        vec!["--upstream-url", plain.as_str()],
+        vec!["--upstream-url", tls.as_str(), "--upstream-http2"],
+    ] {
+        let p = start_proxy(&args);
+        let t0 = Instant::now();
+        let (status, headers, body) = exchange(p.port, p.responses_request("{}")).await;
+        assert_eq!(status, 502, "{args:?}");
+        assert!(t0.elapsed() < Duration::from_secs(2), "fast");
+        assert_eq!(headers["content-type"], "application/json");
+        assert_eq!(error_code(&body), "upstream_unavailable");
+        let log = poll_until(Duration::from_secs(5), "log", || {
+            let t = p.stderr_text();
+            t.contains("upstream request failed").then_some(t)
+        });
+        assert!(log.to_lowercase().contains("refused"), "{args:?}: {log}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
