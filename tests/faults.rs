@@ -21,6 +21,20 @@ fn head(p: &ProxyProc, extra: &str) -> String {
     )
 }
 
+/// Reads from `s` into `got` until `done` says so, each read within 5 s; the connection must
+/// not end before.
+async fn read_until(s: &mut TcpStream, got: &mut Vec<u8>, what: &str, done: fn(&[u8]) -> bool) {
+    let mut chunk = [0u8; 4096];
+    while !done(got) {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
+            .await
+            .unwrap_or_else(|_| panic!("{what} in time"))
+            .expect("read");
+        assert!(n > 0, "closed early: {:?}", String::from_utf8_lossy(got));
+        got.extend_from_slice(&chunk[..n]);
+    }
+}
+
 fn status_of(raw: &[u8]) -> String {
     String::from_utf8_lossy(raw)
         .lines()
@@ -432,15 +446,10 @@ async fn request_smuggling_shapes_get_400_and_nothing_is_forwarded() {
         .expect("first");
     // Read the whole first (chunked) answer, however the segments arrive.
     let mut first = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !first.ends_with(b"0\r\n\r\n") {
-        let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf))
-            .await
-            .expect("first answer in time")
-            .expect("read");
-        assert!(n > 0, "closed early: {:?}", String::from_utf8_lossy(&first));
-        first.extend_from_slice(&buf[..n]);
-    }
+    read_until(&mut s, &mut first, "the first answer", |got| {
+        got.ends_with(b"0\r\n\r\n")
+    })
+    .await;
     assert!(status_of(&first).starts_with("HTTP/1.1 200"));
     let second = head(
         &p,
@@ -655,23 +664,12 @@ async fn streams_cancelled_by_leaving_clients_keep_the_h2_connection() {
         let mut s = TcpStream::connect(("127.0.0.1", p.port))
             .await
             .expect("connect");
-        let req = format!(
-            "POST /v1/responses HTTP/1.1\r\nhost: {}\r\nx-proxy-token: {}\r\n\
-             content-type: application/json\r\ncontent-length: 2\r\n\r\n[]",
-            p.host(),
-            p.token
-        );
+        let req = head(&p, "content-length: 2\r\n\r\n[]");
         s.write_all(req.as_bytes()).await.expect("write");
-        let mut got = Vec::new();
-        let mut chunk = [0u8; 4096];
-        while !got.windows(9).any(|w| w == b"data: 1\n\n") {
-            let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
-                .await
-                .expect("the first event in time")
-                .expect("read");
-            assert!(n > 0, "{}", String::from_utf8_lossy(&got));
-            got.extend_from_slice(&chunk[..n]);
-        }
+        read_until(&mut s, &mut Vec::new(), "the first event", |got| {
+            got.windows(9).any(|w| w == b"data: 1\n\n")
+        })
+        .await;
         // The client leaves mid-stream: the proxy cancels the upstream stream.
         drop(s);
         let streams = up.count();

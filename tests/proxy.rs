@@ -373,11 +373,7 @@ async fn upstream_down_is_502() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_silent_is_504_after_idle_timeout() {
-    let up = MockUpstream::plain(|_| Reply {
-        hang: true,
-        ..Reply::json(200, "{}")
-    })
-    .await;
+    let up = MockUpstream::plain(|_| Reply::hanging()).await;
     let p = start_proxy(&[
         "--upstream-url",
         &up.url(),
@@ -644,11 +640,7 @@ async fn sigterm_and_sighup_drain_in_flight_requests_then_exit_zero() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigint_with_a_stuck_request_exits_after_the_grace_period() {
-    let up = MockUpstream::plain(|_| Reply {
-        hang: true,
-        ..Reply::json(200, "{}")
-    })
-    .await;
+    let up = MockUpstream::plain(|_| Reply::hanging()).await;
     let mut p = start_proxy(&["--upstream-url", &up.url(), "--shutdown-grace", "300ms"]);
     let port = p.port;
     let req = p.responses_request("{}");
@@ -883,11 +875,7 @@ fn logged_ok_and_dumped_whole(p: &ProxyProc, dumps: &std::path::Path, len: usize
 /// it went to the client.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_proxys_own_error_answers_are_dumped() {
-    let up = MockUpstream::plain(|_| Reply {
-        hang: true,
-        ..Reply::json(200, "{}")
-    })
-    .await;
+    let up = MockUpstream::plain(|_| Reply::hanging()).await;
     let (_dir, dumps, p) = proxy_with_dumps(&up, &["--upstream-idle-timeout", "200ms"]);
     let (status, _, body) = exchange(p.port, p.responses_request("{}")).await;
     assert_eq!(status, 504);
@@ -1265,10 +1253,7 @@ async fn over_http2_upstream_faults_end_as_on_http1() {
         let first = Step::Data(Bytes::from_static(b"data: 1\n\n"));
         match &r.body[..] {
             b"\"big\"" => Reply::json(200, "{}").header("x-big", &"a".repeat(20 << 10)),
-            b"\"hang\"" => Reply {
-                hang: true,
-                ..Reply::json(200, "{}")
-            },
+            b"\"hang\"" => Reply::hanging(),
             b"\"silent\"" => Reply::sse(vec![first, Step::Sleep(Duration::from_secs(30))]),
             b"\"abort\"" => Reply::sse(vec![
                 first,

@@ -126,6 +126,14 @@ impl Reply {
         }
     }
 
+    /// An upstream that takes the request and never answers.
+    pub fn hanging() -> Self {
+        Self {
+            hang: true,
+            ..Self::json(200, "{}")
+        }
+    }
+
     pub fn sse(steps: Vec<Step>) -> Self {
         Self {
             status: 200,
