@@ -1004,17 +1004,22 @@ def stderr_has(text):
 echo = lambda: termios.tcgetattr(slave)[3] & termios.ECHO != 0
 if not echo():
     sys.exit("a new pseudo-terminal echoes")
-until("the prompt", lambda: stderr_has(b"type or paste the API key"))
-until("echo off", lambda: not echo())
-os.write(master, key + b"\n")
-until("the proxy listening", lambda: stderr_has(b"listening"))
-until("echo back on", echo)
-shown = b""
-while select.select([master], [], [], 0.2)[0]:
-    shown += os.read(master, 4096)
-proxy.send_signal(signal.SIGTERM)
-proxy.wait(10)
-stderr_has(b"")
+try:
+    until("the prompt", lambda: stderr_has(b"type or paste the API key"))
+    until("echo off", lambda: not echo())
+    os.write(master, key + b"\n")
+    until("the proxy listening", lambda: stderr_has(b"listening"))
+    until("echo back on", echo)
+    shown = b""
+    while select.select([master], [], [], 0.2)[0]:
+        shown += os.read(master, 4096)
+    proxy.send_signal(signal.SIGTERM)
+    proxy.wait(10)
+    stderr_has(b"")
+finally:
+    # Whatever failed above (a timeout, an exception), no proxy outlives the test.
+    if proxy.poll() is None:
+        proxy.kill()
 if key in shown:
     sys.exit("the key was echoed to the terminal")
 if key in err:
